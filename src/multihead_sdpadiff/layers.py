@@ -1,0 +1,255 @@
+"""The differential-attention layer and the original project's four names as presets."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .ops import IMPLS, diff_attention
+from .rotary import apply_rotary_emb
+
+__all__ = [
+    "MultiheadDiffAttn",
+    "MultiheadSdpaDiff1",
+    "MultiheadSdpaDiff2",
+    "MultiheadSdpaDiff3",
+    "MultiheadSdpaDiff4",
+    "RMSNorm",
+    "lambda_init_fn",
+]
+
+
+def lambda_init_fn(depth: int) -> float:
+    """λ_init = 0.8 − 0.6·exp(−0.3·depth), with ``depth`` the 0-based layer index (the paper's rule)."""
+    return 0.8 - 0.6 * math.exp(-0.3 * depth)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in float32 (or wider) and cast back; learnable ``weight``."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, *, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        work = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(work)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+class MultiheadDiffAttn(nn.Module):
+    """Multi-head differential attention (Ye et al., arXiv 2410.05258) on PyTorch SDPA.
+
+    Args:
+        embed_dim: model width E.
+        depth: 0-based layer index; sets ``lambda_init = 0.8 - 0.6 * exp(-0.3 * depth)``.
+        num_heads: the *baseline* Transformer's head count (even). The layer has
+            ``H = num_heads // 2`` differential heads, each with two maps of width
+            ``head_dim = embed_dim // num_heads`` and a value of width ``2 * head_dim``.
+        num_kv_heads: the baseline's kv head count for GQA (even, dividing ``num_heads``); default
+            ``num_heads``. The layer has ``Hkv = num_kv_heads // 2`` kv groups.
+        impl: the strategy, a name from :data:`~multihead_sdpadiff.IMPLS`; may be changed later
+            through the ``impl`` attribute.
+        causal: apply the causal mask (bottom-right aligned) in addition to any ``attn_mask``.
+        norm_eps: eps of the per-head RMSNorm (``subln``), default 1e-5.
+
+    Parameters (the names and shapes of unilm's and the original project's checkpoints):
+    ``q_proj`` (E → E), ``k_proj`` and ``v_proj`` (E → E·Hkv/H), ``out_proj`` (E → E), all without
+    bias; ``lambda_q1``, ``lambda_k1``, ``lambda_q2``, ``lambda_k2`` of shape ``(head_dim,)``;
+    ``subln.weight`` of shape ``(2 * head_dim,)``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        *,
+        impl: str = "auto",
+        causal: bool = True,
+        norm_eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_positive_int("embed_dim", embed_dim)
+        _check_positive_int("num_heads", num_heads)
+        if isinstance(depth, bool) or not isinstance(depth, int):
+            raise TypeError(f"depth must be an int (0-based layer index), got {type(depth).__name__}")
+        if depth < 0:
+            raise ValueError(f"depth must be >= 0 (0-based layer index), got {depth}")
+        if num_heads % 2:
+            raise ValueError(f"num_heads must be even (it is halved into differential heads), got {num_heads}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        if num_kv_heads is None:
+            num_kv_heads = num_heads
+        _check_positive_int("num_kv_heads", num_kv_heads)
+        if num_kv_heads % 2:
+            raise ValueError(f"num_kv_heads must be even (it is halved like num_heads), got {num_kv_heads}")
+        if num_kv_heads > num_heads or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads} and not exceed it")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads // 2  # differential heads H
+        self.num_kv_heads = num_kv_heads // 2  # kv groups Hkv
+        self.n_rep = self.num_heads // self.num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.causal = causal
+        self.impl = impl
+        self.lambda_init = lambda_init_fn(depth)
+
+        kw = {"device": device, "dtype": dtype}
+        kv_dim = embed_dim // self.n_rep
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=False, **kw)
+        self.k_proj = nn.Linear(embed_dim, kv_dim, bias=False, **kw)
+        self.v_proj = nn.Linear(embed_dim, kv_dim, bias=False, **kw)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=False, **kw)
+        lam_kw = {"device": device, "dtype": dtype or torch.float32}
+        self.lambda_q1 = nn.Parameter(torch.empty(self.head_dim, **lam_kw))
+        self.lambda_k1 = nn.Parameter(torch.empty(self.head_dim, **lam_kw))
+        self.lambda_q2 = nn.Parameter(torch.empty(self.head_dim, **lam_kw))
+        self.lambda_k2 = nn.Parameter(torch.empty(self.head_dim, **lam_kw))
+        self.subln = RMSNorm(2 * self.head_dim, eps=norm_eps, **kw)
+        self.reset_lambda_parameters()
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"impl must be a str, one of {IMPLS}, got {type(value).__name__}")
+        if value not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {value!r}")
+        self._impl = value
+
+    def reset_lambda_parameters(self) -> None:
+        for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
+            nn.init.normal_(p, mean=0.0, std=0.1)
+
+    def lambda_full(self) -> torch.Tensor:
+        """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, a 0-dim tensor in float32 (float64 if the
+        parameters are float64), whatever the module dtype."""
+        work = torch.promote_types(self.lambda_q1.dtype, torch.float32)
+        l1 = torch.exp(torch.dot(self.lambda_q1.to(work), self.lambda_k1.to(work)))
+        l2 = torch.exp(torch.dot(self.lambda_q2.to(work), self.lambda_k2.to(work)))
+        return l1 - l2 + self.lambda_init
+
+    def _check_rel_pos(self, rel_pos, needed: int):
+        if not isinstance(rel_pos, (tuple, list)) or len(rel_pos) != 2:
+            raise TypeError("rel_pos must be a (cos, sin) pair of tensors")
+        cos, sin = rel_pos
+        if not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor):
+            raise TypeError("rel_pos must be a (cos, sin) pair of tensors")
+        want = self.head_dim // 2
+        if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != want:
+            raise ValueError(
+                f"rel_pos cos and sin must each be (seqlen_ro, head_dim / 2 = {want}), "
+                f"got {tuple(cos.shape)} and {tuple(sin.shape)}"
+            )
+        if cos.shape[0] < needed:
+            raise ValueError(f"rel_pos covers {cos.shape[0]} positions, need at least {needed}")
+        return cos, sin
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Args:
+            x: ``(B, L, embed_dim)``.
+            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro >= L, head_dim / 2)``; row ``p`` is
+                position ``p``. Applied GPT-J style (interleaved) to q and k.
+            attn_mask: optional bool (True = may attend) or additive float mask broadcastable to
+                ``(B, H, L, L)`` with ``H = num_heads // 2``, e.g. ``(L, L)``, ``(B, 1, L, L)`` or
+                ``(B, 1, 1, L)`` for key padding. With ``causal=True`` the causal mask applies too.
+
+        Returns ``(B, L, embed_dim)``.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be (B, L, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
+        b, length, _ = x.shape
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+
+        q = self.q_proj(x).view(b, length, 2 * h, d)
+        k = self.k_proj(x).view(b, length, 2 * hkv, d)
+        v = self.v_proj(x).view(b, length, hkv, 2 * d)
+        if rel_pos is not None:
+            cos, sin = self._check_rel_pos(rel_pos, length)
+            q = apply_rotary_emb(q, cos, sin, interleaved=True)
+            k = apply_rotary_emb(k, cos, sin, interleaved=True)
+
+        out = diff_attention(
+            q.transpose(1, 2),  # (B, 2H, L, d)
+            k.transpose(1, 2),  # (B, 2Hkv, L, d)
+            v.transpose(1, 2),  # (B, Hkv, L, 2d)
+            self.lambda_full(),
+            attn_mask=attn_mask,
+            is_causal=self.causal,
+            scale=self.scaling,
+            impl=self.impl,
+        )  # (B, H, L, 2d)
+        out = self.subln(out) * (1 - self.lambda_init)
+        return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, lambda_init={self.lambda_init:.4f}, causal={self.causal}, impl={self.impl!r}"
+        )
+
+
+class _Preset(MultiheadDiffAttn):
+    """A :class:`MultiheadDiffAttn` pinned to one strategy, with the original project's signature."""
+
+    _preset_impl: str
+
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, num_kv_heads: int | None = None, **kwargs):
+        super().__init__(embed_dim, depth, num_heads, num_kv_heads, impl=self._preset_impl, **kwargs)
+
+
+class MultiheadSdpaDiff1(_Preset):
+    """The original's variant 1: four SDPA calls of width d (``impl="sdpa_4pass"``)."""
+
+    _preset_impl = "sdpa_4pass"
+
+
+class MultiheadSdpaDiff2(_Preset):
+    """The original's variant 2: two SDPA calls with v of width 2d (``impl="sdpa_2pass"``)."""
+
+    _preset_impl = "sdpa_2pass"
+
+
+class MultiheadSdpaDiff3(_Preset):
+    """The original's variant 3: one SDPA call over 4H heads of width d (``impl="sdpa_stacked"``)."""
+
+    _preset_impl = "sdpa_stacked"
+
+
+class MultiheadSdpaDiff4(_Preset):
+    """The original's variant 4: one SDPA call over 2H maps, v repeated (``impl="sdpa_paired"``)."""
+
+    _preset_impl = "sdpa_paired"
