@@ -125,7 +125,7 @@ def prepare_mask(
         raise ValueError(f"{name} must have 2 to 4 dims broadcastable to (B, H, Lq, Lk)={target}, "
                          f"got shape {tuple(attn_mask.shape)}")
     m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    if any(s not in (1, t) for s, t in zip(m.shape, target)):
+    if any(s not in (1, t) for s, t in zip(m.shape, target, strict=True)):
         raise ValueError(
             f"{name} of shape {tuple(attn_mask.shape)} does not broadcast to (B, H, Lq, Lk)={target}"
             + (f"; its last dim must equal the key length {lk}" if m.shape[-1] not in (1, lk) else "")
