@@ -1,0 +1,107 @@
+"""An independent float64 statement of differential attention, written for the tests only.
+
+It shares no code with the package: explicit loops over batch and head, the GQA pairing written
+out as index arithmetic, the causal rule as a comparison of positions, RoPE through complex
+numbers. Everything runs in float64 and stays differentiable, so gradients can be compared too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+F64 = torch.float64
+
+
+def visibility(b, h, lq, lk, *, bool_mask=None, causal=False):
+    """Bool (B, H, Lq, Lk): True where query j may see key t."""
+    vis = torch.ones(b, h, lq, lk, dtype=torch.bool)
+    if bool_mask is not None:
+        vis = vis & bool_mask.expand(b, h, lq, lk)
+    if causal:
+        for j in range(lq):
+            for t in range(lk):
+                if t > j + (lk - lq):
+                    vis[:, :, j, t] = False
+    return vis
+
+
+def oracle_attention(q, k, v, lam, *, bool_mask=None, add_mask=None, causal=False, scale=None):
+    """q (B, 2H, Lq, d), k (B, 2Hkv, Lk, d), v (B, Hkv, Lk, 2d), lam float or (H,) -> (B, H, Lq, 2d)."""
+    q, k, v = q.to(F64), k.to(F64), v.to(F64)
+    b, h2, lq, d = q.shape
+    h, hkv, lk = h2 // 2, k.shape[1] // 2, k.shape[2]
+    group_size = h // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    lam = torch.as_tensor(lam, dtype=F64).expand(h)
+    vis = visibility(b, h, lq, lk, bool_mask=bool_mask, causal=causal)
+    if add_mask is not None:
+        add = add_mask.to(F64).expand(b, h, lq, lk)
+        vis = vis & (add > -math.inf)
+    rows = []
+    for bi in range(b):
+        heads = []
+        for i in range(h):
+            g = i // group_size
+            maps = []
+            for c in (0, 1):
+                s = q[bi, 2 * i + c] @ k[bi, 2 * g + c].T * scale  # (Lq, Lk)
+                if add_mask is not None:
+                    s = s + torch.where(vis[bi, i], add[bi, i], torch.zeros_like(s))
+                s = torch.where(vis[bi, i], s, torch.full_like(s, -1e300))
+                e = torch.where(vis[bi, i], torch.exp(s - s.max(dim=-1, keepdim=True).values), torch.zeros_like(s))
+                z = e.sum(dim=-1, keepdim=True)
+                maps.append(e / torch.where(z > 0, z, torch.ones_like(z)))
+            heads.append((maps[0] - lam[i] * maps[1]) @ v[bi, g])
+        rows.append(torch.stack(heads))
+    return torch.stack(rows)
+
+
+def oracle_rope(x, positions, base=10000.0, interleaved=True):
+    """x (B, L, heads, d) rotated at integer positions (B, L) with complex numbers, float64."""
+    x = x.to(F64)
+    d = x.shape[-1]
+    freqs = torch.tensor([base ** (-2.0 * j / d) for j in range(d // 2)], dtype=F64)
+    rot = torch.polar(torch.ones_like(freqs), positions.to(F64)[..., None] * freqs)  # (B, L, d/2)
+    if interleaved:
+        pairs = torch.complex(x[..., 0::2], x[..., 1::2])
+        out = pairs * rot[:, :, None]
+        return torch.stack((out.real, out.imag), dim=-1).flatten(-2)
+    pairs = torch.complex(x[..., : d // 2], x[..., d // 2 :])
+    out = pairs * rot[:, :, None]
+    return torch.cat((out.real, out.imag), dim=-1)
+
+
+def oracle_module(mod, x, *, positions=None, bool_mask=None, add_mask=None, causal=True, base=10000.0):
+    """MultiheadDiffAttn's forward from its parameters, in float64, by the paper's equations."""
+    p = {n: t.to(F64) for n, t in mod.named_parameters()}
+    x = x.to(F64)
+    b, length, e = x.shape
+    h, hkv, d = mod.num_heads, mod.num_kv_heads, mod.head_dim
+    q = (x @ p["q_proj.weight"].T).reshape(b, length, 2 * h, d)
+    k = (x @ p["k_proj.weight"].T).reshape(b, length, 2 * hkv, d)
+    v = (x @ p["v_proj.weight"].T).reshape(b, length, hkv, 2 * d)
+    if positions is not None:
+        q, k = oracle_rope(q, positions, base), oracle_rope(k, positions, base)
+    depth_init = mod.lambda_init
+    lam = (torch.exp((p["lambda_q1"] * p["lambda_k1"]).sum()) - torch.exp((p["lambda_q2"] * p["lambda_k2"]).sum())
+           + depth_init)
+    o = oracle_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lam,
+                         bool_mask=bool_mask, add_mask=add_mask, causal=causal)  # (B, H, L, 2d)
+    rms = torch.sqrt((o * o).mean(dim=-1, keepdim=True) + mod.subln.eps)
+    o = o / rms * p["subln.weight"] * (1 - depth_init)
+    return o.transpose(1, 2).reshape(b, length, e) @ p["out_proj.weight"].T
+
+
+def naive_low_precision(q, k, v, lam, *, bool_mask=None, causal=False):
+    """The equation computed plainly in the inputs' low dtype, without upcasting (error yardstick)."""
+    b, h2, lq, d = q.shape
+    h, hkv, lk = h2 // 2, k.shape[1] // 2, k.shape[2]
+    kr = k.unflatten(1, (hkv, 2)).repeat_interleave(h // hkv, dim=1)
+    s = q.unflatten(1, (h, 2)) @ kr.transpose(-1, -2) * d**-0.5  # (B, H, 2, Lq, Lk)
+    vis = visibility(b, h, lq, lk, bool_mask=bool_mask, causal=causal).unsqueeze(2)
+    s = s.masked_fill(~vis, float("-inf"))
+    a = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    lam_t = torch.as_tensor(lam).to(q.dtype).expand(h).view(1, h, 1, 1)
+    return (a[:, :, 0] - lam_t * a[:, :, 1]) @ v.repeat_interleave(h // hkv, dim=1)
