@@ -1,5 +1,6 @@
 """Differential attention (Differential Transformer, arXiv 2410.05258) on PyTorch SDPA."""
 
+from .cache import KVCache
 from .layers import (
     MultiheadDiffAttn,
     MultiheadSdpaDiff1,
@@ -17,6 +18,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "IMPLS",
+    "KVCache",
     "MultiheadDiffAttn",
     "MultiheadSdpaDiff1",
     "MultiheadSdpaDiff2",

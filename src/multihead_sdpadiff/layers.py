@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .cache import KVCache
 from .ops import IMPLS, diff_attention
 from .rotary import apply_rotary_emb
 
@@ -42,6 +43,36 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def check_rel_pos(rel_pos, head_dim: int, needed: int | None):
+    """Validate a ``(cos, sin)`` pair of ``(seqlen_ro, head_dim / 2)`` tables covering ``needed`` positions."""
+    if not isinstance(rel_pos, (tuple, list)) or len(rel_pos) != 2:
+        raise TypeError("rel_pos must be a (cos, sin) pair of tensors")
+    cos, sin = rel_pos
+    if not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor):
+        raise TypeError("rel_pos must be a (cos, sin) pair of tensors")
+    want = head_dim // 2
+    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != want:
+        raise ValueError(
+            f"rel_pos cos and sin must each be (seqlen_ro, head_dim / 2 = {want}), "
+            f"got {tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
+    if needed is not None and cos.shape[0] < needed:
+        raise ValueError(f"rel_pos covers {cos.shape[0]} positions, need at least {needed}")
+    return cos, sin
+
+
+def check_position_ids(position_ids, batch: int, length: int):
+    if position_ids is None:
+        return None
+    if not isinstance(position_ids, torch.Tensor):
+        raise TypeError(f"position_ids must be a tensor or None, got {type(position_ids).__name__}")
+    if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+        raise ValueError(f"position_ids must hold integers, got dtype {position_ids.dtype}")
+    if tuple(position_ids.shape) != (batch, length):
+        raise ValueError(f"position_ids must be (B, L)={(batch, length)}, got {tuple(position_ids.shape)}")
+    return position_ids
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -155,35 +186,28 @@ class MultiheadDiffAttn(nn.Module):
         l2 = torch.exp(torch.dot(self.lambda_q2.to(work), self.lambda_k2.to(work)))
         return l1 - l2 + self.lambda_init
 
-    def _check_rel_pos(self, rel_pos, needed: int):
-        if not isinstance(rel_pos, (tuple, list)) or len(rel_pos) != 2:
-            raise TypeError("rel_pos must be a (cos, sin) pair of tensors")
-        cos, sin = rel_pos
-        if not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor):
-            raise TypeError("rel_pos must be a (cos, sin) pair of tensors")
-        want = self.head_dim // 2
-        if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != want:
-            raise ValueError(
-                f"rel_pos cos and sin must each be (seqlen_ro, head_dim / 2 = {want}), "
-                f"got {tuple(cos.shape)} and {tuple(sin.shape)}"
-            )
-        if cos.shape[0] < needed:
-            raise ValueError(f"rel_pos covers {cos.shape[0]} positions, need at least {needed}")
-        return cos, sin
-
     def forward(
         self,
         x: torch.Tensor,
         rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
         attn_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Args:
             x: ``(B, L, embed_dim)``.
-            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro >= L, head_dim / 2)``; row ``p`` is
-                position ``p``. Applied GPT-J style (interleaved) to q and k.
+            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; row ``p`` holds
+                absolute position ``p``. Applied GPT-J style (interleaved) to q and k.
             attn_mask: optional bool (True = may attend) or additive float mask broadcastable to
-                ``(B, H, L, L)`` with ``H = num_heads // 2``, e.g. ``(L, L)``, ``(B, 1, L, L)`` or
-                ``(B, 1, 1, L)`` for key padding. With ``causal=True`` the causal mask applies too.
+                ``(B, H, L, Lk)`` with ``H = num_heads // 2`` and ``Lk = len(cache) + L`` (``L``
+                without a cache), e.g. ``(L, Lk)``, ``(B, 1, L, Lk)`` as transformers builds it, or
+                ``(B, 1, 1, Lk)`` for key padding. With ``causal=True`` the causal mask applies
+                too, aligned bottom-right: the ``L`` new tokens are the last ``L`` positions.
+            position_ids: optional ``(B, L)`` absolute positions for RoPE (left-padded batches).
+                Default: ``len(cache) .. len(cache) + L - 1`` for every sequence.
+            cache: optional :class:`KVCache`; the new keys and values (after RoPE) are appended
+                and the queries attend over everything cached.
 
         Returns ``(B, L, embed_dim)``.
         """
@@ -191,26 +215,26 @@ class MultiheadDiffAttn(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (B, L, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
         b, length, _ = x.shape
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        past = len(cache) if cache is not None else 0
+        position_ids = check_position_ids(position_ids, b, length)
 
         q = self.q_proj(x).view(b, length, 2 * h, d)
         k = self.k_proj(x).view(b, length, 2 * hkv, d)
         v = self.v_proj(x).view(b, length, hkv, 2 * d)
         if rel_pos is not None:
-            cos, sin = self._check_rel_pos(rel_pos, length)
-            q = apply_rotary_emb(q, cos, sin, interleaved=True)
-            k = apply_rotary_emb(k, cos, sin, interleaved=True)
+            cos, sin = check_rel_pos(rel_pos, d, past + length if position_ids is None else None)
+            q = apply_rotary_emb(q, cos, sin, True, past, position_ids=position_ids)
+            k = apply_rotary_emb(k, cos, sin, True, past, position_ids=position_ids)
 
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, width)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, 2Hkv, past + L, d), (B, Hkv, past + L, 2d)
         out = diff_attention(
-            q.transpose(1, 2),  # (B, 2H, L, d)
-            k.transpose(1, 2),  # (B, 2Hkv, L, d)
-            v.transpose(1, 2),  # (B, Hkv, L, 2d)
-            self.lambda_full(),
-            attn_mask=attn_mask,
-            is_causal=self.causal,
-            scale=self.scaling,
-            impl=self.impl,
+            q, k, v, self.lambda_full(), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling, impl=self.impl
         )  # (B, H, L, 2d)
         out = self.subln(out) * (1 - self.lambda_init)
         return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))

@@ -1,0 +1,145 @@
+"""A per-layer key/value cache for incremental decoding.
+
+The cache stores keys and values after RoPE, in the op's compact layout: keys ``(B, 2Hkv, S, d)``
+and values ``(B, Hkv, S, 2d)``. GQA stays compact (``Hkv`` groups, never repeated), so memory
+scales with ``num_kv_heads``. All sequences of a batch share one length; left padding is expressed
+by the caller's mask and ``position_ids``, as in transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["KVCache"]
+
+
+class KVCache:
+    """Keys and values of one attention layer.
+
+    ``KVCache()`` grows as needed (its buffers double, so appending a token costs O(1) amortised
+    copies). ``KVCache(max_len, batch_size)`` is preallocated: its buffers have a static shape
+    (friendly to ``torch.compile`` and CUDA graphs) and are allocated at the first write, when the
+    head counts, dtype and device become known, unless ``num_kv_heads``/``head_dim`` (the layer's
+    ``Hkv`` groups and map width ``d``), ``device`` and ``dtype`` are given. Writing past
+    ``max_len`` raises a ValueError and leaves the cache as it was.
+
+    ``len(cache)`` is the number of cached positions; :meth:`reset` empties the cache for reuse.
+
+    Gradients: with autograd recording and inputs that require grad, writes are out of place, so
+    gradients flow through every cached step (memory then grows with each step, as autograd must
+    keep each version). Without grad, writes are in place.
+    """
+
+    def __init__(
+        self,
+        max_len: int | None = None,
+        batch_size: int | None = None,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        for name, value in (("max_len", max_len), ("batch_size", batch_size),
+                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if (max_len is None) != (batch_size is None):
+            raise ValueError("give both max_len and batch_size for a preallocated cache, or neither")
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self._len = 0
+        self._k: torch.Tensor | None = None  # (B, 2Hkv, capacity, d)
+        self._v: torch.Tensor | None = None  # (B, Hkv, capacity, 2d)
+        if max_len is not None and num_kv_heads is not None and head_dim is not None:
+            dev, dt = torch.device(device or "cpu"), dtype or torch.float32
+            self._allocate(batch_size, 2 * num_kv_heads, head_dim, num_kv_heads, 2 * head_dim, max_len, dev, dt)
+
+    @property
+    def is_static(self) -> bool:
+        return self.max_len is not None
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def seq_len(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        kind = f"static max_len={self.max_len}, batch_size={self.batch_size}" if self.is_static else "growing"
+        return f"KVCache({kind}, len={self._len})"
+
+    def reset(self) -> None:
+        """Forget every cached position; preallocated buffers are kept for reuse."""
+        self._len = 0
+        if not self.is_static:
+            self._k = self._v = None
+
+    def keys(self) -> torch.Tensor:
+        """The cached keys, ``(B, 2Hkv, len, d)`` (a view)."""
+        if self._k is None:
+            raise ValueError("the cache is empty")
+        return self._k[:, :, : self._len]
+
+    def values(self) -> torch.Tensor:
+        """The cached values, ``(B, Hkv, len, 2d)`` (a view)."""
+        if self._v is None:
+            raise ValueError("the cache is empty")
+        return self._v[:, :, : self._len]
+
+    def _allocate(self, b, hk, dk, hv, dv, capacity, device, dtype):
+        self._k = torch.zeros(b, hk, capacity, dk, device=device, dtype=dtype)
+        self._v = torch.zeros(b, hv, capacity, dv, device=device, dtype=dtype)
+
+    def _check(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.dim() != 4 or v.dim() != 4 or k.shape[0] != v.shape[0] or k.shape[2] != v.shape[2]:
+            raise ValueError(f"k must be (B, 2Hkv, L, d) and v (B, Hkv, L, 2d), got {tuple(k.shape)} and {tuple(v.shape)}")
+        if self.batch_size is not None and k.shape[0] != self.batch_size:
+            raise ValueError(f"the cache holds batch_size {self.batch_size}, got a batch of {k.shape[0]}")
+        if self._k is not None:
+            want_k = (self._k.shape[0], self._k.shape[1], self._k.shape[3])
+            want_v = (self._v.shape[0], self._v.shape[1], self._v.shape[3])
+            if (k.shape[0], k.shape[1], k.shape[3]) != want_k or (v.shape[0], v.shape[1], v.shape[3]) != want_v:
+                raise ValueError(
+                    f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match the cached (B, heads, ·, width) "
+                    f"{want_k} / {want_v}"
+                )
+            if k.dtype != self._k.dtype or k.device != self._k.device:
+                raise ValueError(f"the cache holds {self._k.dtype} on {self._k.device}, got {k.dtype} on {k.device}")
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``k (B, 2Hkv, L, d)`` and ``v (B, Hkv, L, 2d)``; return every cached key and value."""
+        self._check(k, v)
+        new_len = self._len + k.shape[2]
+        if self.is_static and new_len > self.max_len:
+            raise ValueError(
+                f"writing {k.shape[2]} positions after {self._len} would exceed the cache's max_len "
+                f"{self.max_len}; nothing was written"
+            )
+        if self._k is None:
+            capacity = self.max_len if self.is_static else max(new_len, 16)
+            self._allocate(k.shape[0], k.shape[1], k.shape[3], v.shape[1], v.shape[3], capacity, k.device, k.dtype)
+        differentiable = torch.is_grad_enabled() and (
+            k.requires_grad or v.requires_grad or self._k.requires_grad or self._v.requires_grad
+        )
+        if differentiable:
+            # Out of place, so that autograd keeps every version it needs.
+            if self.is_static:
+                idx = torch.arange(self._len, new_len, device=k.device)
+                self._k = self._k.index_copy(2, idx, k)
+                self._v = self._v.index_copy(2, idx, v)
+            else:
+                self._k = torch.cat((self._k[:, :, : self._len], k), dim=2)
+                self._v = torch.cat((self._v[:, :, : self._len], v), dim=2)
+        else:
+            if new_len > self._k.shape[2]:  # growing cache: double the capacity
+                old_k, old_v = self._k[:, :, : self._len], self._v[:, :, : self._len]
+                self._allocate(k.shape[0], k.shape[1], k.shape[3], v.shape[1], v.shape[3],
+                               max(new_len, 2 * self._k.shape[2]), k.device, k.dtype)
+                self._k[:, :, : self._len] = old_k
+                self._v[:, :, : self._len] = old_v
+            self._k[:, :, self._len : new_len] = k
+            self._v[:, :, self._len : new_len] = v
+        self._len = new_len
+        return self.keys(), self.values()
