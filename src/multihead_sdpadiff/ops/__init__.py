@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import prepare_mask
+from . import chunked as _chunked
 from . import reference as _reference
 from . import sdpa as _sdpa
 from .registry import OpInputs, Strategy, get_strategy, register, registered
@@ -30,6 +31,10 @@ register(Strategy("sdpa_paired", _sdpa.sdpa_paired,
                   "original 4: one SDPA call over 2H maps, v repeated to width 2d", flops=1.5,
                   score_memory="O(N)", dtypes=_FLOAT,
                   notes="On CPU, q and k are zero-padded to 2d as for sdpa_2pass."))
+register(Strategy("chunked", _chunked.chunked,
+                  "exact, one query block at a time: both softmaxes, A1 - lam*A2, one product with v",
+                  flops=1.0, score_memory="O(block*N)", dtypes=_FLOAT,
+                  notes="Block size: SDPADIFF_CHUNK rows if set, else ~2M score elements per map."))
 
 #: Names accepted by ``impl=``: every registered strategy, plus ``"auto"``.
 IMPLS: tuple[str, ...] = (*registered(), "auto")
