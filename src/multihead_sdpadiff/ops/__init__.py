@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
 
 from ..masks import prepare_mask
@@ -10,8 +13,9 @@ from . import reference as _reference
 from . import sdpa as _sdpa
 from .registry import OpInputs, Strategy, get_strategy, register, registered
 
-__all__ = ["IMPLS", "diff_attention", "choose_impl", "OpInputs", "Strategy", "get_strategy"]
+__all__ = ["AUTO_RULES", "AutoRule", "IMPLS", "diff_attention", "choose_impl", "OpInputs", "Strategy", "get_strategy"]
 
+_log = logging.getLogger(__name__)
 _FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 register(Strategy("reference", _reference.reference,
@@ -39,13 +43,39 @@ register(Strategy("chunked", _chunked.chunked,
 #: Names accepted by ``impl=``: every registered strategy, plus ``"auto"``.
 IMPLS: tuple[str, ...] = (*registered(), "auto")
 
-# "auto" rules, first match wins: (device type, strategy, why). Measured with `sdpadiff bench`
-# (docs/benchmarks.md): on CPU the four width-d calls keep SDPA's flash kernel and beat the
-# stacked call, whose torch.cat copies cost more than they save.
-_AUTO_RULES: tuple[tuple[str | None, str, str], ...] = (
-    ("cpu", "sdpa_4pass", "CPU: fastest SDPA strategy in docs/benchmarks.md"),
-    ("cuda", "sdpa_2pass", "CUDA: 1.5x FLOPs, v of width 2d runs on the efficient/cuDNN kernels"),
-    (None, "sdpa_4pass", "other devices: width-d calls are the most widely supported"),
+
+
+@dataclass(frozen=True)
+class AutoRule:
+    """One line of the "auto" table: the first rule that matches and whose strategy can run wins.
+
+    ``None`` fields match anything. ``max_lq`` matches calls with at most that many queries (decode
+    steps); ``grad`` matches calls that need (True) or do not need (False) gradients.
+    """
+
+    impl: str
+    why: str
+    device: str | None = None
+    max_lq: int | None = None
+    grad: bool | None = None
+
+    def matches(self, inputs: OpInputs) -> bool:
+        return (
+            (self.device is None or self.device == inputs.device.type)
+            and (self.max_lq is None or inputs.q.shape[2] <= self.max_lq)
+            and (self.grad is None or self.grad == inputs.needs_grad)
+        )
+
+
+# Measured with `sdpadiff bench` and recorded in docs/benchmarks.md. On CPU, chunked costs the
+# FLOPs of standard attention and beats every SDPA strategy for prefill and training; for a
+# decode step the four width-d SDPA calls are as fast and need no Python loop. On CUDA the SDPA
+# strategies stay on fused kernels; sdpa_2pass has the fewest FLOPs of them (not yet measured here).
+AUTO_RULES: tuple[AutoRule, ...] = (
+    AutoRule("sdpa_4pass", "CPU decode step (Lq <= 16): flash SDPA calls, no block loop", device="cpu", max_lq=16),
+    AutoRule("chunked", "CPU: exact at the FLOPs of standard attention, fastest measured", device="cpu"),
+    AutoRule("sdpa_2pass", "CUDA: 1.5x FLOPs on fused SDPA kernels, O(N) memory", device="cuda"),
+    AutoRule("chunked", "other devices: plain matmul and softmax, O(block * N) memory"),
 )
 
 
@@ -110,14 +140,14 @@ def _resolve(impl: str, inputs: OpInputs) -> tuple[Strategy, str]:
             raise ValueError(f"impl={impl!r} cannot run these inputs: " + "; ".join(reasons))
         return strategy, f"requested impl={impl!r}"
     refused = []
-    for device, name, why in _AUTO_RULES:
-        if device is not None and device != inputs.device.type:
+    for rule in AUTO_RULES:
+        if not rule.matches(inputs):
             continue
-        strategy = get_strategy(name)
+        strategy = get_strategy(rule.impl)
         reasons = strategy.not_supported_reasons(inputs)
         if not reasons:
-            return strategy, why
-        refused.append(f"{name}: {'; '.join(reasons)}")
+            return strategy, f"auto: {rule.why}"
+        refused.append(f"{rule.impl}: {'; '.join(reasons)}")
     raise ValueError("impl='auto' found no strategy for these inputs: " + " | ".join(refused))
 
 
@@ -147,7 +177,9 @@ def diff_attention(
             ``t <= j + Lk - Lq`` (right for a KV cache or chunked prefill; SDPA's own flag is
             top-left). Lq = 1 sees every key.
         scale: score scale, default ``d ** -0.5``.
-        impl: a name from :data:`IMPLS`. ``"auto"`` picks by device (see :func:`choose_impl`).
+        impl: a name from :data:`IMPLS`. ``"auto"`` takes the first matching rule of
+            :data:`AUTO_RULES` whose strategy can run the inputs; :func:`choose_impl` says which and
+            why, and the logger ``multihead_sdpadiff.ops`` logs it at DEBUG level.
             A named strategy that cannot run the inputs raises a ValueError with its reasons; no
             strategy ever falls back to another.
 
@@ -160,7 +192,9 @@ def diff_attention(
         ``(B, H, Lq, 2d)`` in q's dtype.
     """
     inputs = _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale)
-    strategy, _ = _resolve(impl, inputs)
+    strategy, why = _resolve(impl, inputs)
+    if impl == "auto" and _log.isEnabledFor(logging.DEBUG):
+        _log.debug("diff_attention ran %s (%s) for q %s", strategy.name, why, tuple(q.shape))
     return strategy(inputs)
 
 

@@ -45,6 +45,7 @@ class _Plan:
         self.h, self.hkv, self.lk = h2 // 2, k.shape[1] // 2, k.shape[2]
         self.rep = self.h // self.hkv
         self.mask = mask
+        self.k_t = None
         self.block = block or block_size(self.b, self.h, self.lk, q.device)
         self.work = torch.float64 if q.dtype == torch.float64 else torch.float32
         # For each query block: (i0, i1, k0, k1), the visible key range [k0, k1).
@@ -70,8 +71,12 @@ class _Plan:
 
     def probs(self, q, k, i0, i1, k0, k1, scale):
         """Both maps' softmax, (B, Hkv, 2, rep, bq, kl), in the working precision."""
-        kb = k[:, :, k0:k1].unflatten(1, (self.hkv, 2))  # (B, Hkv, 2, kl, d)
-        s = torch.matmul(self.q_block(q, i0, i1, scale), kb.transpose(-1, -2))  # (B, Hkv, 2, rep*bq, kl)
+        if self.k_t is None:
+            # With several blocks, k is transposed once per call so that every block's QK^T reads
+            # contiguous rows; a single block (a decode step) reads k in place instead.
+            k_t = k.transpose(-1, -2)
+            self.k_t = (k_t.contiguous() if len(self.blocks) > 1 else k_t).unflatten(1, (self.hkv, 2))  # (B, Hkv, 2, d, Lk)
+        s = torch.matmul(self.q_block(q, i0, i1, scale), self.k_t[..., k0:k1])  # (B, Hkv, 2, rep*bq, kl)
         s = s.to(self.work).unflatten(3, (self.rep, i1 - i0))  # (B, Hkv, 2, rep, bq, kl)
         dead = None
         m = self.mask.tensor
