@@ -10,6 +10,7 @@ from .layers import (
     RMSNorm,
     lambda_init_fn,
 )
+from .layers_v2 import MultiheadDiffAttnV2
 from .masks import causal_mask
 from .ops import IMPLS, choose_impl, diff_attention
 from .ops.v2 import IMPLS_V2, diff_attention_v2
@@ -22,6 +23,7 @@ __all__ = [
     "IMPLS_V2",
     "KVCache",
     "MultiheadDiffAttn",
+    "MultiheadDiffAttnV2",
     "MultiheadSdpaDiff1",
     "MultiheadSdpaDiff2",
     "MultiheadSdpaDiff3",
