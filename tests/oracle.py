@@ -27,6 +27,14 @@ def visibility(b, h, lq, lk, *, bool_mask=None, causal=False):
     return vis
 
 
+def softmax_visible(s, vis):
+    """Softmax of scores s (Lq, Lk) over the keys where vis; exactly 0 elsewhere and on empty rows."""
+    s = torch.where(vis, s, torch.full_like(s, max(-1e300, torch.finfo(s.dtype).min)))
+    e = torch.where(vis, torch.exp(s - s.max(dim=-1, keepdim=True).values), torch.zeros_like(s))
+    z = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(z > 0, z, torch.ones_like(z))
+
+
 def oracle_attention(q, k, v, lam, *, bool_mask=None, add_mask=None, causal=False, scale=None):
     """q (B, 2H, Lq, d), k (B, 2Hkv, Lk, d), v (B, Hkv, Lk, 2d), lam float or (H,) -> (B, H, Lq, 2d)."""
     q, k, v = q.to(F64), k.to(F64), v.to(F64)
@@ -49,10 +57,7 @@ def oracle_attention(q, k, v, lam, *, bool_mask=None, add_mask=None, causal=Fals
                 s = q[bi, 2 * i + c] @ k[bi, 2 * g + c].T * scale  # (Lq, Lk)
                 if add_mask is not None:
                     s = s + torch.where(vis[bi, i], add[bi, i], torch.zeros_like(s))
-                s = torch.where(vis[bi, i], s, torch.full_like(s, -1e300))
-                e = torch.where(vis[bi, i], torch.exp(s - s.max(dim=-1, keepdim=True).values), torch.zeros_like(s))
-                z = e.sum(dim=-1, keepdim=True)
-                maps.append(e / torch.where(z > 0, z, torch.ones_like(z)))
+                maps.append(softmax_visible(s, vis[bi, i]))
             heads.append((maps[0] - lam[i] * maps[1]) @ v[bi, g])
         rows.append(torch.stack(heads))
     return torch.stack(rows)
@@ -105,3 +110,64 @@ def naive_low_precision(q, k, v, lam, *, bool_mask=None, causal=False):
     a = torch.softmax(s, dim=-1).nan_to_num(0.0)
     lam_t = torch.as_tensor(lam).to(q.dtype).expand(h).view(1, h, 1, 1)
     return (a[:, :, 0] - lam_t * a[:, :, 1]) @ v.repeat_interleave(h // hkv, dim=1)
+
+
+# Differential attention V2 (unilm Diff-Transformer-V2): 2H query maps, Hkv kv heads of width d.
+
+
+def oracle_attention_v2(q, k, v, lam, *, bool_mask=None, add_mask=None, causal=False, scale=None, dtype=F64):
+    """q (B, 2H, Lq, d), k and v (B, Hkv, Lk, d), lam float, (H,) or (B, H, Lq) -> (B, H, Lq, d).
+
+    Each map is plain attention on its own; map m reads kv head m // (2H / Hkv) (the GQA rule of
+    the kernel the authors call). Head i is then out[2i] - lam_i * out[2i+1], row by row. The
+    whole computation runs in ``dtype``: float64 for the oracle, a low dtype for a plain run.
+    """
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    b, n_maps, lq, d = q.shape
+    h, hkv, lk = n_maps // 2, k.shape[1], k.shape[2]
+    maps_per_kv = n_maps // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    lam = torch.as_tensor(lam).to(dtype)
+    if lam.dim() == 1:
+        lam = lam[None, :, None]
+    lam = lam.expand(b, h, lq)
+    vis = visibility(b, h, lq, lk, bool_mask=bool_mask, causal=causal)
+    if add_mask is not None:
+        add = add_mask.to(dtype).expand(b, h, lq, lk)
+        vis = vis & (add > -math.inf)
+    rows = []
+    for bi in range(b):
+        heads = []
+        for i in range(h):
+            per_map = []
+            for m in (2 * i, 2 * i + 1):
+                g = m // maps_per_kv
+                s = q[bi, m] @ k[bi, g].T * scale  # (Lq, Lk)
+                if add_mask is not None:
+                    s = s + torch.where(vis[bi, i], add[bi, i], torch.zeros_like(s))
+                per_map.append(softmax_visible(s, vis[bi, i]) @ v[bi, g])  # (Lq, d)
+            heads.append(per_map[0] - lam[bi, i][:, None] * per_map[1])
+        rows.append(torch.stack(heads))
+    return torch.stack(rows)
+
+
+def oracle_module_v2(params, x, *, num_heads, num_kv_heads, head_dim, positions=None, bool_mask=None,
+                     add_mask=None, causal=True, base=10000.0, dtype=F64):
+    """The V2 layer's forward from a state dict with the authors' keys, by their equations.
+
+    q_proj (2H*d, E), k_proj and v_proj (Hkv*d, E), o_proj (E, H*d), lambda_proj (H, E); RoPE
+    interleaved on the q maps and k heads at ``positions`` (B, L); lam = sigmoid(lambda_proj(x)).
+    """
+    p = {n: t.to(dtype) for n, t in params.items()}
+    x = x.to(dtype)
+    b, length, _ = x.shape
+    h, hkv, d = num_heads, num_kv_heads, head_dim
+    q = (x @ p["q_proj.weight"].T).reshape(b, length, 2 * h, d)
+    k = (x @ p["k_proj.weight"].T).reshape(b, length, hkv, d)
+    v = (x @ p["v_proj.weight"].T).reshape(b, length, hkv, d)
+    if positions is not None:
+        q, k = oracle_rope(q, positions, base).to(dtype), oracle_rope(k, positions, base).to(dtype)
+    lam = torch.sigmoid(x @ p["lambda_proj.weight"].T).permute(0, 2, 1)  # (B, H, L)
+    o = oracle_attention_v2(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lam,
+                            bool_mask=bool_mask, add_mask=add_mask, causal=causal, dtype=dtype)  # (B, H, L, d)
+    return o.transpose(1, 2).reshape(b, length, h * d) @ p["o_proj.weight"].T

@@ -10,16 +10,20 @@ from .layers import (
     RMSNorm,
     lambda_init_fn,
 )
+from .layers_v2 import MultiheadDiffAttnV2
 from .masks import causal_mask
 from .ops import IMPLS, choose_impl, diff_attention
+from .ops.v2 import IMPLS_V2, diff_attention_v2
 from .rotary import RotaryEmbedding, apply_rotary_emb
 
 __version__ = "0.2.0"
 
 __all__ = [
     "IMPLS",
+    "IMPLS_V2",
     "KVCache",
     "MultiheadDiffAttn",
+    "MultiheadDiffAttnV2",
     "MultiheadSdpaDiff1",
     "MultiheadSdpaDiff2",
     "MultiheadSdpaDiff3",
@@ -31,5 +35,6 @@ __all__ = [
     "causal_mask",
     "choose_impl",
     "diff_attention",
+    "diff_attention_v2",
     "lambda_init_fn",
 ]

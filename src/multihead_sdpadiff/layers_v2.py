@@ -1,0 +1,168 @@
+"""The Differential Transformer V2 attention layer (unilm ``Diff-Transformer/Diff-Transformer-V2/``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cache import KVCache
+from .layers import _check_positive_int, check_position_ids, check_rel_pos
+from .ops.v2 import IMPLS_V2, diff_attention_v2
+from .rotary import apply_rotary_emb
+
+__all__ = ["MultiheadDiffAttnV2"]
+
+
+class MultiheadDiffAttnV2(nn.Module):
+    """Differential attention V2: one attention call over ``2H`` query maps, then a per-token difference.
+
+    For output head ``i``: ``out_i = attn(q[2i]) − sigmoid(lambda_proj(x))_i · attn(q[2i+1])``, where
+    both maps attend over the same k and v head (GQA). There is no sub-norm and v is not doubled.
+
+    Args:
+        embed_dim: model width E.
+        num_heads: the number of output heads H. q has ``2H`` maps of width ``head_dim``.
+        num_kv_heads: key/value heads ``Hkv`` (default ``num_heads``, as the authors'). Must divide
+            ``num_heads``: query map ``m`` reads kv head ``m // (2H / Hkv)``, and the two maps of a
+            head share one kv head only when ``2H / Hkv`` is even.
+        head_dim: width d of every map and kv head (default ``embed_dim // num_heads``; the authors
+            pass it explicitly, so ``H * d`` need not equal E).
+        causal: apply the causal mask (bottom-right aligned) in addition to any ``attn_mask``.
+        impl: the strategy, a name from :data:`~multihead_sdpadiff.IMPLS_V2`; may be changed later
+            through the ``impl`` attribute.
+
+    Parameters (the authors' names and shapes, so their checkpoints load with ``strict=True``), all
+    without bias: ``q_proj`` (E → 2H·d), ``k_proj`` and ``v_proj`` (E → Hkv·d), ``o_proj``
+    (H·d → E), ``lambda_proj`` (E → H).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        causal: bool = True,
+        impl: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_positive_int("embed_dim", embed_dim)
+        _check_positive_int("num_heads", num_heads)
+        if num_kv_heads is None:
+            num_kv_heads = num_heads
+        _check_positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads}: query map m reads kv head "
+                f"m // (2*num_heads / num_kv_heads), so maps 2i and 2i+1 of a head would otherwise read "
+                f"different kv heads"
+            )
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(
+                    f"embed_dim {embed_dim} must be divisible by num_heads {num_heads} when head_dim is not given"
+                )
+            head_dim = embed_dim // num_heads
+        _check_positive_int("head_dim", head_dim)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scaling = head_dim**-0.5
+        self.causal = causal
+        self.impl = impl
+
+        kw = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(embed_dim, 2 * num_heads * head_dim, bias=False, **kw)
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False, **kw)
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False, **kw)
+        self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=False, **kw)
+        self.lambda_proj = nn.Linear(embed_dim, num_heads, bias=False, **kw)
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"impl must be a str, one of {IMPLS_V2}, got {type(value).__name__}")
+        if value not in IMPLS_V2:
+            raise ValueError(f"impl must be one of {IMPLS_V2}, got {value!r}")
+        self._impl = value
+
+    def lambda_full(self, x: torch.Tensor) -> torch.Tensor:
+        """λ = sigmoid(lambda_proj(x)) as ``(B, H, L)``: the projection runs in the module dtype, the
+        sigmoid in float32 (float64 for float64 input)."""
+        logits = self.lambda_proj(x)  # (B, L, H)
+        work = torch.promote_types(logits.dtype, torch.float32)
+        return torch.sigmoid(logits.to(work)).transpose(1, 2)  # (B, H, L)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Args:
+            x: ``(B, L, embed_dim)``.
+            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; row ``p`` holds
+                absolute position ``p``. Applied GPT-J style (interleaved), as the authors do, to
+                all ``2H`` query maps and the ``Hkv`` key heads (not to v).
+            attn_mask: optional bool (True = may attend) or additive float mask broadcastable to
+                ``(B, H, L, Lk)`` with ``H = num_heads`` (output heads; both maps of a head share
+                its rows) and ``Lk = len(cache) + L`` (``L`` without a cache), e.g. ``(L, Lk)``,
+                ``(B, 1, L, Lk)`` or ``(B, 1, 1, Lk)`` for key padding. With ``causal=True`` the
+                causal mask applies too, aligned bottom-right: the ``L`` new tokens are the last
+                ``L`` positions. Rows that see no key give zeros.
+            position_ids: optional ``(B, L)`` absolute positions for RoPE (left-padded batches).
+                Default: ``len(cache) .. len(cache) + L - 1`` for every sequence.
+            cache: optional :class:`KVCache`; the new keys ``(B, Hkv, L, d)`` (after RoPE) and
+                values ``(B, Hkv, L, d)`` are appended and the queries attend over everything
+                cached. Create it as ``KVCache()`` or ``KVCache(max_len, batch_size)``; its
+                ``num_kv_heads``/``head_dim`` keywords preallocate V1's layout and do not fit V2.
+
+        Returns ``(B, L, embed_dim)``.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be (B, L, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
+        b, length, _ = x.shape
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        past = len(cache) if cache is not None else 0
+        position_ids = check_position_ids(position_ids, b, length)
+
+        q = self.q_proj(x).view(b, length, 2 * h, d)
+        k = self.k_proj(x).view(b, length, hkv, d)
+        v = self.v_proj(x).view(b, length, hkv, d)
+        if rel_pos is not None:
+            cos, sin = check_rel_pos(rel_pos, d, past + length if position_ids is None else None)
+            q = apply_rotary_emb(q, cos, sin, True, past, position_ids=position_ids)
+            k = apply_rotary_emb(k, cos, sin, True, past, position_ids=position_ids)
+
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, d)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, Hkv, past + L, d) each
+        out = diff_attention_v2(
+            q, k, v, self.lambda_full(x), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling,
+            impl=self.impl,
+        )  # (B, H, L, d)
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, h * d))
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, causal={self.causal}, impl={self.impl!r}"
+        )
