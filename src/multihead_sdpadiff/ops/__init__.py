@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
@@ -11,12 +10,19 @@ from ..masks import prepare_mask
 from . import chunked as _chunked
 from . import reference as _reference
 from . import sdpa as _sdpa
-from .registry import OpInputs, Strategy, get_strategy, register, registered
+from .registry import FLOAT_DTYPES as _FLOAT
+from .registry import AutoRule, OpInputs, Registry, Strategy, check_qkv, check_scale
 
-__all__ = ["AUTO_RULES", "AutoRule", "IMPLS", "diff_attention", "choose_impl", "OpInputs", "Strategy", "get_strategy"]
+__all__ = [
+    "AUTO_RULES", "AutoRule", "IMPLS", "REGISTRY", "OpInputs", "Strategy", "choose_impl", "diff_attention", "get_strategy",
+]
 
 _log = logging.getLogger(__name__)
-_FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+#: The strategies of :func:`diff_attention`.
+REGISTRY = Registry("diff_attention")
+register = REGISTRY.register
+get_strategy = REGISTRY.get
 
 register(Strategy("reference", _reference.reference,
                   "materialises A1 - lam*A2, one product with v (the paper's equation)",
@@ -41,37 +47,13 @@ register(Strategy("chunked", _chunked.chunked,
                   notes="Block size: SDPADIFF_CHUNK rows if set, else ~2M score elements per map."))
 
 #: Names accepted by ``impl=``: every registered strategy, plus ``"auto"``.
-IMPLS: tuple[str, ...] = (*registered(), "auto")
-
-
-
-@dataclass(frozen=True)
-class AutoRule:
-    """One line of the "auto" table: the first rule that matches and whose strategy can run wins.
-
-    ``None`` fields match anything. ``max_lq`` matches calls with at most that many queries (decode
-    steps); ``grad`` matches calls that need (True) or do not need (False) gradients.
-    """
-
-    impl: str
-    why: str
-    device: str | None = None
-    max_lq: int | None = None
-    grad: bool | None = None
-
-    def matches(self, inputs: OpInputs) -> bool:
-        return (
-            (self.device is None or self.device == inputs.device.type)
-            and (self.max_lq is None or inputs.q.shape[2] <= self.max_lq)
-            and (self.grad is None or self.grad == inputs.needs_grad)
-        )
-
+IMPLS: tuple[str, ...] = REGISTRY.names()
 
 # Measured with `sdpadiff bench` and recorded in docs/benchmarks.md. On CPU, chunked costs the
 # FLOPs of standard attention and beats every SDPA strategy for prefill and training; for a
 # decode step the four width-d SDPA calls are as fast and need no Python loop. On CUDA the SDPA
 # strategies stay on fused kernels; sdpa_2pass has the fewest FLOPs of them (not yet measured here).
-AUTO_RULES: tuple[AutoRule, ...] = (
+REGISTRY.rules = AUTO_RULES = (
     AutoRule("sdpa_4pass", "CPU decode step (Lq <= 16): flash SDPA calls, no block loop", device="cpu", max_lq=16),
     AutoRule("chunked", "CPU: exact at the FLOPs of standard attention, fastest measured", device="cpu"),
     AutoRule("sdpa_2pass", "CUDA: 1.5x FLOPs on fused SDPA kernels, O(N) memory", device="cuda"),
@@ -80,20 +62,8 @@ AUTO_RULES: tuple[AutoRule, ...] = (
 
 
 def _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale) -> OpInputs:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT:
-            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    check_qkv(q, k, v)
     b, h2, lq, d = q.shape
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if h2 % 2 or h2 == 0:
-        raise ValueError(f"q must be (B, 2H, Lq, d) with an even, non-zero number of maps, got {tuple(q.shape)}")
     if k.shape[1] % 2 or k.shape[1] == 0:
         raise ValueError(f"k must be (B, 2Hkv, Lk, d) with an even, non-zero number of maps, got {tuple(k.shape)}")
     h, hkv, lk = h2 // 2, k.shape[1] // 2, k.shape[2]
@@ -103,8 +73,6 @@ def _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale) -> OpInputs:
         raise ValueError(f"the {h} heads of q must be a multiple of the {hkv} kv heads of k (q maps {h2}, k maps {2 * hkv})")
     if tuple(v.shape) != (b, hkv, lk, 2 * d):
         raise ValueError(f"v must be (B, Hkv, Lk, 2d)={(b, hkv, lk, 2 * d)} for k of shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if d == 0:
-        raise ValueError("head dim d must be positive")
 
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     if isinstance(lambda_full, bool) or not isinstance(lambda_full, (int, float, torch.Tensor)):
@@ -119,36 +87,9 @@ def _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale) -> OpInputs:
     else:
         lam = torch.full((h,), float(lambda_full), device=q.device, dtype=work)
 
-    if scale is None:
-        scale = d**-0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    elif not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
-
+    scale = check_scale(scale, d)
     mask = prepare_mask(attn_mask, is_causal=is_causal, batch=b, heads=h, lq=lq, lk=lk, dtype=q.dtype)
-    return OpInputs(q, k, v, lam, mask, float(scale))
-
-
-def _resolve(impl: str, inputs: OpInputs) -> tuple[Strategy, str]:
-    if not isinstance(impl, str):
-        raise TypeError(f"impl must be a str, one of {IMPLS}, got {type(impl).__name__}")
-    if impl != "auto":
-        strategy = get_strategy(impl)
-        reasons = strategy.not_supported_reasons(inputs)
-        if reasons:
-            raise ValueError(f"impl={impl!r} cannot run these inputs: " + "; ".join(reasons))
-        return strategy, f"requested impl={impl!r}"
-    refused = []
-    for rule in AUTO_RULES:
-        if not rule.matches(inputs):
-            continue
-        strategy = get_strategy(rule.impl)
-        reasons = strategy.not_supported_reasons(inputs)
-        if not reasons:
-            return strategy, f"auto: {rule.why}"
-        refused.append(f"{rule.impl}: {'; '.join(reasons)}")
-    raise ValueError("impl='auto' found no strategy for these inputs: " + " | ".join(refused))
+    return OpInputs(q, k, v, lam, mask, scale)
 
 
 def diff_attention(
@@ -192,7 +133,7 @@ def diff_attention(
         ``(B, H, Lq, 2d)`` in q's dtype.
     """
     inputs = _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale)
-    strategy, why = _resolve(impl, inputs)
+    strategy, why = REGISTRY.resolve(impl, inputs)
     if impl == "auto" and _log.isEnabledFor(logging.DEBUG):
         _log.debug("diff_attention ran %s (%s) for q %s", strategy.name, why, tuple(q.shape))
     return strategy(inputs)
@@ -210,5 +151,5 @@ def choose_impl(
     impl: str = "auto",
 ) -> tuple[str, str]:
     """The strategy :func:`diff_attention` would run for these inputs, and why: ``(name, reason)``."""
-    strategy, why = _resolve(impl, _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale))
+    strategy, why = REGISTRY.resolve(impl, _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale))
     return strategy.name, why

@@ -16,7 +16,7 @@ import torch
 
 from ..masks import AttentionMask
 
-__all__ = ["Strategy", "OpInputs", "register", "get_strategy", "registered"]
+__all__ = ["AutoRule", "OpInputs", "Registry", "Strategy", "check_qkv", "check_scale"]
 
 
 @dataclass(frozen=True)
@@ -90,22 +90,101 @@ class Strategy:
         return self.fn(inputs.q, inputs.k, inputs.v, inputs.lam, inputs.mask, inputs.scale)
 
 
-_REGISTRY: dict[str, Strategy] = {}
+@dataclass(frozen=True)
+class AutoRule:
+    """One line of an op's "auto" table: the first rule that matches and whose strategy can run wins.
+
+    ``None`` fields match anything. ``max_lq`` matches calls with at most that many queries (decode
+    steps); ``grad`` matches calls that need (True) or do not need (False) gradients.
+    """
+
+    impl: str
+    why: str
+    device: str | None = None
+    max_lq: int | None = None
+    grad: bool | None = None
+
+    def matches(self, inputs: OpInputs) -> bool:
+        return (
+            (self.device is None or self.device == inputs.device.type)
+            and (self.max_lq is None or inputs.q.shape[2] <= self.max_lq)
+            and (self.grad is None or self.grad == inputs.needs_grad)
+        )
 
 
-def register(strategy: Strategy) -> Strategy:
-    if strategy.name in _REGISTRY or strategy.name == "auto":
-        raise ValueError(f"strategy name {strategy.name!r} is already taken")
-    _REGISTRY[strategy.name] = strategy
-    return strategy
+class Registry:
+    """The strategies of one op and its "auto" rules."""
+
+    def __init__(self, op: str):
+        self.op = op
+        self.strategies: dict[str, Strategy] = {}
+        self.rules: tuple[AutoRule, ...] = ()
+
+    def register(self, strategy: Strategy) -> Strategy:
+        if strategy.name in self.strategies or strategy.name == "auto":
+            raise ValueError(f"{self.op} strategy name {strategy.name!r} is already taken")
+        self.strategies[strategy.name] = strategy
+        return strategy
+
+    def names(self) -> tuple[str, ...]:
+        """Every registered strategy, then ``"auto"``."""
+        return (*self.strategies, "auto")
+
+    def get(self, name: str) -> Strategy:
+        try:
+            return self.strategies[name]
+        except KeyError:
+            raise ValueError(f"impl must be one of {self.names()}, got {name!r}") from None
+
+    def resolve(self, impl: str, inputs: OpInputs) -> tuple[Strategy, str]:
+        """The strategy to run and why; a strategy that cannot run the inputs is refused, never replaced."""
+        if not isinstance(impl, str):
+            raise TypeError(f"impl must be a str, one of {self.names()}, got {type(impl).__name__}")
+        if impl != "auto":
+            strategy = self.get(impl)
+            reasons = strategy.not_supported_reasons(inputs)
+            if reasons:
+                raise ValueError(f"impl={impl!r} cannot run these inputs: " + "; ".join(reasons))
+            return strategy, f"requested impl={impl!r}"
+        refused = []
+        for rule in self.rules:
+            if not rule.matches(inputs):
+                continue
+            reasons = self.get(rule.impl).not_supported_reasons(inputs)
+            if not reasons:
+                return self.get(rule.impl), f"auto: {rule.why}"
+            refused.append(f"{rule.impl}: {'; '.join(reasons)}")
+        raise ValueError(f"impl='auto' found no {self.op} strategy for these inputs: " + " | ".join(refused))
 
 
-def get_strategy(name: str) -> Strategy:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"impl must be one of {('auto', *_REGISTRY)}, got {name!r}") from None
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
-def registered() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+def check_qkv(q, k, v) -> None:
+    """Type, rank, dtype and device checks shared by every op."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[1] % 2 or q.shape[1] == 0:
+        raise ValueError(f"q must be (B, 2H, Lq, d) with an even, non-zero number of maps, got {tuple(q.shape)}")
+    if q.shape[3] == 0:
+        raise ValueError("head dim d must be positive")
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """``scale`` or its default ``head_dim ** -0.5``, validated."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    return float(scale)

@@ -20,13 +20,11 @@ import torch
 
 from ..masks import AttentionMask, prepare_mask
 from .reference import diff_attention_maps
-from .registry import OpInputs, Strategy
+from .registry import FLOAT_DTYPES as _FLOAT
+from .registry import AutoRule, OpInputs, Registry, Strategy, check_qkv, check_scale
 from .sdpa import _sdpa
 
-__all__ = ["IMPLS_V2", "diff_attention_v2"]
-
-_FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-
+__all__ = ["IMPLS_V2", "REGISTRY_V2", "diff_attention_v2"]
 
 def _combine(o1: torch.Tensor, o2: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """``o1 − lam · o2`` with ``lam`` ``(B, H, Lq)`` per query row, in ``lam``'s precision."""
@@ -53,14 +51,9 @@ def sdpa_v2(q, k, v, lam, mask: AttentionMask, scale: float) -> torch.Tensor:
     return _combine(out[:, 0::2], out[:, 1::2], lam).to(q.dtype)
 
 
-_STRATEGIES: dict[str, Strategy] = {}
-
-
-def _register(strategy: Strategy) -> None:
-    if strategy.name in _STRATEGIES or strategy.name == "auto":
-        raise ValueError(f"strategy name {strategy.name!r} is already taken")
-    _STRATEGIES[strategy.name] = strategy
-
+#: The strategies of :func:`diff_attention_v2` (its own registry: V1's tests iterate V1's).
+REGISTRY_V2 = Registry("diff_attention_v2")
+_register = REGISTRY_V2.register
 
 # flops: relative to standard attention of width 2d per head, as in V1's table (8N²d per head).
 _register(Strategy("reference", reference_v2,
@@ -72,31 +65,14 @@ _register(Strategy("sdpa", sdpa_v2,
                    notes="On CUDA, GQA with a mask is expanded to 2H kv heads first (see ops/sdpa.py _sdpa)."))
 
 #: Names accepted by ``diff_attention_v2(impl=...)`` and ``MultiheadDiffAttnV2(impl=...)``.
-IMPLS_V2: tuple[str, ...] = (*_STRATEGIES, "auto")
+IMPLS_V2: tuple[str, ...] = REGISTRY_V2.names()
 
-# "auto" rules, first match wins: (device type or None for any, strategy, why).
-_AUTO_RULES: tuple[tuple[str | None, str, str], ...] = (
-    (None, "sdpa", "one SDPA call with GQA: flash on CPU, the fused kernels on CUDA"),
-)
+REGISTRY_V2.rules = (AutoRule("sdpa", "one SDPA call with GQA: flash on CPU, the fused kernels on CUDA"),)
 
 
 def _prepare(q, k, v, lam, attn_mask, is_causal, scale) -> OpInputs:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT:
-            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_qkv(q, k, v)
     b, h2, lq, d = q.shape
-    if h2 % 2 or h2 == 0:
-        raise ValueError(f"q must be (B, 2H, Lq, d) with an even, non-zero number of maps, got {tuple(q.shape)}")
-    if d == 0:
-        raise ValueError("head dim d must be positive")
     h, hkv, lk = h2 // 2, k.shape[1], k.shape[2]
     if k.shape[0] != b or k.shape[3] != d or hkv == 0:
         raise ValueError(f"k must be (B={b}, Hkv, Lk, d={d}), got {tuple(k.shape)}")
@@ -124,37 +100,9 @@ def _prepare(q, k, v, lam, attn_mask, is_causal, scale) -> OpInputs:
     else:
         lam = torch.full((1, 1, 1), float(lam), device=q.device, dtype=work).expand(b, h, lq)
 
-    if scale is None:
-        scale = d**-0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    elif not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
-
+    scale = check_scale(scale, d)
     mask = prepare_mask(attn_mask, is_causal=is_causal, batch=b, heads=h, lq=lq, lk=lk, dtype=q.dtype)
-    return OpInputs(q, k, v, lam, mask, float(scale))
-
-
-def _resolve(impl: str, inputs: OpInputs) -> tuple[Strategy, str]:
-    if not isinstance(impl, str):
-        raise TypeError(f"impl must be a str, one of {IMPLS_V2}, got {type(impl).__name__}")
-    if impl != "auto":
-        if impl not in _STRATEGIES:
-            raise ValueError(f"impl must be one of {IMPLS_V2}, got {impl!r}")
-        strategy = _STRATEGIES[impl]
-        reasons = strategy.not_supported_reasons(inputs)
-        if reasons:
-            raise ValueError(f"impl={impl!r} cannot run these inputs: " + "; ".join(reasons))
-        return strategy, f"requested impl={impl!r}"
-    refused = []
-    for device, name, why in _AUTO_RULES:
-        if device is not None and device != inputs.device.type:
-            continue
-        reasons = _STRATEGIES[name].not_supported_reasons(inputs)
-        if not reasons:
-            return _STRATEGIES[name], why
-        refused.append(f"{name}: {'; '.join(reasons)}")
-    raise ValueError("impl='auto' found no strategy for these inputs: " + " | ".join(refused))
+    return OpInputs(q, k, v, lam, mask, scale)
 
 
 def diff_attention_v2(
@@ -198,5 +146,5 @@ def diff_attention_v2(
         ``(B, H, Lq, d)`` in q's dtype.
     """
     inputs = _prepare(q, k, v, lam, attn_mask, is_causal, scale)
-    strategy, _ = _resolve(impl, inputs)
+    strategy, _ = REGISTRY_V2.resolve(impl, inputs)
     return strategy(inputs)
