@@ -1,3 +1,11 @@
+import os
+
+# Triton kernels run on CPU tensors under the interpreter, so that every test generated from the
+# registry covers the "triton" strategy too. Set before triton is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import contextlib
+
 import pytest
 import torch
 
@@ -14,6 +22,17 @@ def skip_unless_supported(impl, q, k, v, lam, attn_mask=None, is_causal=False):
     reasons = get_strategy(impl).not_supported_reasons(_prepare(q, k, v, lam, attn_mask, is_causal, None))
     if reasons:
         pytest.skip(f"{impl}: {'; '.join(reasons)}")
+
+
+@contextlib.contextmanager
+def skip_if_refused():
+    """Skip, with the strategy's own reasons, when the dispatcher refuses to run a module's inputs."""
+    try:
+        yield
+    except ValueError as exc:
+        if "cannot run these inputs" in str(exc):
+            pytest.skip(str(exc))
+        raise
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from multihead_sdpadiff import KVCache, MultiheadDiffAttn, MultiheadSdpaDiff3, RotaryEmbedding
-from tests.conftest import STRATEGIES
+from tests.conftest import STRATEGIES, skip_if_refused
 
 CACHE_KINDS = ["growing", "static"]
 
@@ -38,7 +38,7 @@ def _run_in_pieces(m, x, rel_pos, cache, sizes):
 def test_prefill_then_steps_and_chunks_equal_full_pass(impl, gqa, rope, kind):
     m, x, rel_pos = _setup(gqa, rope)
     m.impl = impl
-    with torch.no_grad():
+    with torch.no_grad(), skip_if_refused():
         full = m(x, rel_pos=rel_pos)
         steps = _run_in_pieces(m, x, rel_pos, make_cache(kind, 2), [5] + [1] * 8)
         chunks = _run_in_pieces(m, x, rel_pos, make_cache(kind, 2), [3, 3, 3, 3, 1])
@@ -55,7 +55,7 @@ def test_left_padded_batch_equals_each_sequence_alone(impl, kind):
     torch.manual_seed(1)
     lengths, total, steps = [9, 6], 9, 4
     seqs = [torch.randn(1, n + steps, 96, dtype=torch.float64) for n in lengths]
-    with torch.no_grad():
+    with torch.no_grad(), skip_if_refused():
         alone = [m(s, rel_pos=rel_pos) for s in seqs]
 
         pad = [total - n for n in lengths]

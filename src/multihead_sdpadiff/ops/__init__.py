@@ -10,6 +10,7 @@ from ..masks import prepare_mask
 from . import chunked as _chunked
 from . import reference as _reference
 from . import sdpa as _sdpa
+from . import triton_fused as _triton_fused
 from .registry import FLOAT_DTYPES as _FLOAT
 from .registry import AutoRule, OpInputs, Registry, Strategy, check_qkv, check_scale
 
@@ -46,6 +47,18 @@ register(Strategy("chunked", _chunked.chunked,
                   flops=1.0, score_memory="O(block*N)", dtypes=_FLOAT,
                   notes="Block size: SDPADIFF_CHUNK rows if set, else ~2M score elements per map."))
 
+
+def _run_triton(q, k, v, lam, mask, scale):
+    return _triton_fused.triton_diff_attention(q, k, v, lam, mask.tensor, mask.causal, scale)
+
+
+register(Strategy("triton", _run_triton,
+                  "fused Triton kernel: two online softmaxes, each K/V tile read once, forward and backward",
+                  flops=1.5, score_memory="O(N)",
+                  check=lambda i: _triton_fused.triton_not_supported_reasons(i.q, i.k, i.v, i.lam, i.mask.tensor, i.mask.causal),
+                  notes="NVIDIA GPUs of compute capability >= 8.0 with the triton extra; on CPU only under "
+                        "TRITON_INTERPRET=1 (slow, for tests). Head dims 16, 32, 64, 128."))
+
 #: Names accepted by ``impl=``: every registered strategy, plus ``"auto"``.
 IMPLS: tuple[str, ...] = REGISTRY.names()
 
@@ -56,7 +69,8 @@ IMPLS: tuple[str, ...] = REGISTRY.names()
 REGISTRY.rules = AUTO_RULES = (
     AutoRule("sdpa_4pass", "CPU decode step (Lq <= 16): flash SDPA calls, no block loop", device="cpu", max_lq=16),
     AutoRule("chunked", "CPU: exact at the FLOPs of standard attention, fastest measured", device="cpu"),
-    AutoRule("sdpa_2pass", "CUDA: 1.5x FLOPs on fused SDPA kernels, O(N) memory", device="cuda"),
+    AutoRule("triton", "CUDA: one fused kernel at 1.5x FLOPs, O(N) memory", device="cuda"),
+    AutoRule("sdpa_2pass", "CUDA without triton: 1.5x FLOPs on fused SDPA kernels, O(N) memory", device="cuda"),
     AutoRule("chunked", "other devices: plain matmul and softmax, O(block * N) memory"),
 )
 

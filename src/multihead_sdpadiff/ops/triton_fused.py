@@ -1,0 +1,372 @@
+"""Fused Triton implementation of differential attention (forward + backward).
+
+Differential attention (Ye et al., "Differential Transformer", arXiv 2410.05258):
+
+    O[:, i] = softmax(q1 k1^T * scale + M) v  -  lam[i] * softmax(q2 k2^T * scale + M) v
+
+with q1 = q[:, 2i], q2 = q[:, 2i+1], k1 = k[:, 2g], k2 = k[:, 2g+1], v = v[:, g] and
+g = i // (H // Hkv) (grouped-query attention).
+
+Public entry points:
+
+    triton_not_supported_reasons(q, k, v, lam, attn_mask, is_causal) -> list[str]
+    triton_diff_attention(q, k, v, lam, attn_mask, is_causal, scale) -> Tensor
+
+Triton itself is imported lazily (only when a kernel is launched), so importing
+this module never requires triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import struct
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["triton_diff_attention", "triton_not_supported_reasons"]
+
+_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LOG2E = 1.4426950408889634
+
+# Block-size overrides, mainly for tests and tuning: maps a kernel name
+# ("fwd", "bwd_kv", "bwd_q", "bwd_pre") to a dict with any of the keys
+# BLOCK_M, BLOCK_N, num_warps, num_stages.
+CONFIG_OVERRIDE: dict[str, dict] = {}
+
+_kernels_module = None
+
+
+def _kernels():
+    """Import (once) the private module holding the @triton.jit kernels."""
+    global _kernels_module
+    if _kernels_module is None:
+        if __package__:
+            _kernels_module = importlib.import_module(f"{__package__}._triton_kernels")
+        else:
+            _kernels_module = importlib.import_module("_triton_kernels")
+    return _kernels_module
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------
+# support check
+# ---------------------------------------------------------------------------
+
+def triton_not_supported_reasons(q, k, v, lam, attn_mask, is_causal) -> list[str]:
+    """Human-readable reasons why the Triton kernel cannot run these inputs.
+
+    An empty list means the inputs are supported.  Never imports triton.
+    """
+    reasons: list[str] = []
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed")
+
+    tensors = {"q": q, "k": k, "v": v, "lam": lam}
+    if attn_mask is not None:
+        tensors["attn_mask"] = attn_mask
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            reasons.append(f"{name} is not a torch.Tensor")
+    if reasons and any(not isinstance(t, torch.Tensor) for t in tensors.values()):
+        return reasons
+
+    # devices
+    devices = {t.device for t in tensors.values()}
+    if len(devices) > 1:
+        reasons.append(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    dev = q.device
+    if dev.type == "cpu":
+        if not _interpreted():
+            reasons.append("tensors are on the CPU and TRITON_INTERPRET is not '1' "
+                           "(the Triton kernel needs a GPU or the interpreter)")
+    elif dev.type == "cuda":
+        if not _interpreted() and torch.version.hip is None:
+            major, minor = torch.cuda.get_device_capability(dev)
+            if major < 8:
+                reasons.append(f"the Triton kernel needs an NVIDIA GPU of compute capability "
+                               f">= 8.0, got {major}.{minor}")
+    else:
+        reasons.append(f"device type {dev.type!r} is not supported by the Triton kernel")
+
+    # dtypes
+    if q.dtype not in _SUPPORTED_DTYPES:
+        reasons.append(f"unsupported dtype {q.dtype} (supported: float16, bfloat16, float32, float64)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        reasons.append(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not lam.is_floating_point():
+        reasons.append(f"lam must be a floating tensor, got {lam.dtype}")
+
+    # shapes
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        reasons.append("q, k, v must be 4-D: (B, 2H, Lq, d), (B, 2Hkv, Lk, d), (B, Hkv, Lk, 2d)")
+        return reasons
+    B, H2, Lq, d = q.shape
+    Bk, Hk2, Lk, dk = k.shape
+    Bv, Hv, Lv, dv = v.shape
+    if H2 % 2 or Hk2 % 2:
+        reasons.append(f"q and k need an even number of maps, got {H2} and {Hk2}")
+    H, Hkv = H2 // 2, Hk2 // 2
+    if Bk != B or Bv != B:
+        reasons.append(f"batch sizes differ: q {B}, k {Bk}, v {Bv}")
+    if Lv != Lk:
+        reasons.append(f"k and v lengths differ: {Lk} vs {Lv}")
+    if dk != d:
+        reasons.append(f"q and k head dims differ: {d} vs {dk}")
+    if dv != 2 * d:
+        reasons.append(f"v head dim must be 2*d = {2 * d}, got {dv}")
+    if Hv != Hkv:
+        reasons.append(f"v must have Hkv = {Hkv} heads (k has {Hk2} maps), got {Hv}")
+    if Hkv == 0 or H % max(Hkv, 1) != 0:
+        reasons.append(f"number of heads H = {H} is not a multiple of Hkv = {Hkv}")
+    if d not in _SUPPORTED_HEAD_DIMS:
+        reasons.append(f"head dim d = {d} not supported by the Triton kernel "
+                       f"(supported: {', '.join(map(str, _SUPPORTED_HEAD_DIMS))})")
+    if tuple(lam.shape) != (H,):
+        reasons.append(f"lam must have shape (H,) = ({H},), got {tuple(lam.shape)}")
+
+    # mask
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            reasons.append(f"attn_mask must be bool or of q's dtype {q.dtype}, got {attn_mask.dtype}")
+        if attn_mask.dim() > 4:
+            reasons.append(f"attn_mask must have at most 4 dims, got {attn_mask.dim()}")
+        else:
+            shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+            for n, (s, full) in enumerate(zip(shape, (B, H, Lq, Lk), strict=True)):
+                if s not in (1, full):
+                    reasons.append(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast "
+                                   f"to (B, H, Lq, Lk) = {(B, H, Lq, Lk)} (dim {n})")
+                    break
+    if not isinstance(is_causal, bool):
+        reasons.append(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    return reasons
+
+
+# ---------------------------------------------------------------------------
+# launch helpers
+# ---------------------------------------------------------------------------
+
+def _split_f32(x: float) -> tuple[float, float]:
+    """x as hi + lo with both parts representable in float32.
+
+    Triton passes Python floats as float32; the float64 path rebuilds the exact
+    constant in-kernel from the two halves.
+    """
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
+def _config(kind: str, d: int, dtype: torch.dtype) -> dict:
+    if _interpreted():
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    else:
+        wide = dtype in (torch.float32, torch.float64)  # 4/8-byte operands
+        if kind == "fwd":
+            if wide:
+                cfg = dict(BLOCK_M=64 if d <= 64 else 32, BLOCK_N=32, num_warps=4, num_stages=1)
+            elif d <= 64:
+                cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+            else:
+                cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+        elif kind == "bwd_kv":
+            if wide:
+                cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+            elif d <= 64:
+                cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
+            else:
+                cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+        elif kind == "bwd_q":
+            if wide:
+                cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+            elif d <= 64:
+                cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+            else:
+                cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        else:  # bwd_pre
+            cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
+    cfg.update(CONFIG_OVERRIDE.get(kind, {}))
+    return cfg
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _common_consts(q: torch.Tensor, scale: float):
+    import triton.language as tl
+
+    fp64 = q.dtype == torch.float64
+    exp2 = not fp64
+    qk_hi, qk_lo = _split_f32(scale * _LOG2E if exp2 else scale)
+    sm_hi, sm_lo = _split_f32(scale)
+    return dict(
+        qk=(qk_hi, qk_lo), sm=(sm_hi, sm_lo),
+        mask_scale=_LOG2E if exp2 else 1.0,
+        EXP2=exp2,
+        ACC=tl.float64 if fp64 else tl.float32,
+        DOT_PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+        # interpreter workaround only: its tl.dot mishandles bfloat16 operands
+        UPCAST=_interpreted() and q.dtype == torch.bfloat16,
+    )
+
+
+def _mask_args(attn_mask, q, B, H, Lq, Lk):
+    """(tensor, strides, HAS_MASK, MASK_BOOL); broadcast dims get stride 0."""
+    if attn_mask is None:
+        return q, (0, 0, 0, 0), False, False
+    m = attn_mask.expand(B, H, Lq, Lk)
+    is_bool = m.dtype == torch.bool
+    if is_bool:
+        m = m.view(torch.uint8)
+    return m, tuple(m.stride()), True, is_bool
+
+
+def _forward(q, k, v, lam, attn_mask, is_causal, scale, store_aux):
+    B, H2, Lq, d = q.shape
+    Hk2, Lk = k.shape[1], k.shape[2]
+    H, Hkv = H2 // 2, Hk2 // 2
+    acc = _acc_dtype(q.dtype)
+    out = torch.empty((B, H, Lq, 2 * d), device=q.device, dtype=q.dtype)
+    o2 = torch.empty_like(out) if store_aux else None
+    lse = torch.empty((B, H, 2, Lq), device=q.device, dtype=acc) if store_aux else None
+    if out.numel() == 0:
+        return out, o2, lse
+    if Lk == 0:  # nothing to attend to: all rows are empty
+        out.zero_()
+        if store_aux:
+            o2.zero_()
+            lse.fill_(math.inf)
+        return out, o2, lse
+
+    import triton
+
+    K = _kernels()
+    c = _common_consts(q, scale)
+    mask, ms, has_mask, mask_bool = _mask_args(attn_mask, q, B, H, Lq, Lk)
+    cfg = _config("fwd", d, q.dtype)
+    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+    K.diff_attn_fwd_kernel[grid](
+        q, k, v, lam, mask, out,
+        o2 if store_aux else out, lse if store_aux else out,
+        *q.stride(), *k.stride(), *v.stride(), *ms,
+        H, H // Hkv, Lq, Lk,
+        c["qk"][0], c["qk"][1], c["mask_scale"],
+        D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HAS_MASK=has_mask, MASK_BOOL=mask_bool, IS_CAUSAL=bool(is_causal),
+        STORE_AUX=bool(store_aux), EXP2=c["EXP2"], ACC=c["ACC"], DOT_PREC=c["DOT_PREC"],
+        UPCAST=c["UPCAST"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, o2, lse
+
+
+def _backward(dout, q, k, v, lam, attn_mask, is_causal, scale, out, o2, lse,
+              need_q, need_kv, need_lam):
+    B, H2, Lq, d = q.shape
+    Hk2, Lk = k.shape[1], k.shape[2]
+    H, Hkv = H2 // 2, Hk2 // 2
+    acc = _acc_dtype(q.dtype)
+    dq = torch.zeros((B, H2, Lq, d), device=q.device, dtype=q.dtype) if need_q else None
+    dk = torch.zeros((B, Hk2, Lk, d), device=q.device, dtype=q.dtype) if need_kv else None
+    dv = torch.zeros((B, Hkv, Lk, 2 * d), device=q.device, dtype=q.dtype) if need_kv else None
+    dlam = torch.zeros((H,), device=q.device, dtype=lam.dtype) if need_lam else None
+    if out.numel() == 0 or Lk == 0:
+        return dq, dk, dv, dlam
+
+    import triton
+
+    K = _kernels()
+    c = _common_consts(q, scale)
+    mask, ms, has_mask, mask_bool = _mask_args(attn_mask, q, B, H, Lq, Lk)
+    common = dict(D=d, HAS_MASK=has_mask, MASK_BOOL=mask_bool, IS_CAUSAL=bool(is_causal),
+                  EXP2=c["EXP2"], ACC=c["ACC"], DOT_PREC=c["DOT_PREC"], UPCAST=c["UPCAST"])
+
+    # Row terms D1, D2 (see the kernel's docstring).
+    delta = torch.empty((B, H, 2, Lq), device=q.device, dtype=acc)
+    cfg = _config("bwd_pre", d, q.dtype)
+    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+    K.diff_attn_bwd_pre_kernel[grid](
+        out, o2, dout, lam, delta, *dout.stride(), H, Lq,
+        D=d, BLOCK_M=cfg["BLOCK_M"], ACC=c["ACC"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if need_lam:
+        # dL/dlam[i] = -sum(dO * O2) over batch, rows and columns of head i.
+        dlam = (-delta[:, :, 1, :].sum(dim=(0, 2))).to(lam.dtype)
+
+    scalars = (c["qk"][0], c["qk"][1], c["sm"][0], c["sm"][1], c["mask_scale"])
+    if need_kv:
+        cfg = _config("bwd_kv", d, q.dtype)
+        grid = (triton.cdiv(Lk, cfg["BLOCK_N"]), B * Hkv)
+        K.diff_attn_bwd_kv_kernel[grid](
+            q, k, v, lam, mask, dout, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *ms, *dout.stride(),
+            H, Hkv, H // Hkv, Lq, Lk, *scalars,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    if need_q:
+        cfg = _config("bwd_q", d, q.dtype)
+        grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+        K.diff_attn_bwd_q_kernel[grid](
+            q, k, v, lam, mask, dout, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *ms, *dout.stride(),
+            H, H // Hkv, Lq, Lk, *scalars,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return dq, dk, dv, dlam
+
+
+class _DiffAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lam, attn_mask, is_causal, scale):
+        out, o2, lse = _forward(q, k, v, lam, attn_mask, is_causal, scale, store_aux=True)
+        ctx.save_for_backward(q, k, v, lam, attn_mask, out, o2, lse)
+        ctx.is_causal = is_causal
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        q, k, v, lam, attn_mask, out, o2, lse = ctx.saved_tensors
+        need_q, need_k, need_v, need_lam = ctx.needs_input_grad[:4]
+        dq, dk, dv, dlam = _backward(
+            dout, q, k, v, lam, attn_mask, ctx.is_causal, ctx.scale, out, o2, lse,
+            need_q, need_k or need_v, need_lam)
+        return dq, (dk if need_k else None), (dv if need_v else None), dlam, None, None, None
+
+
+def triton_diff_attention(q, k, v, lam, attn_mask, is_causal, scale) -> torch.Tensor:
+    """Differential attention with the fused Triton kernels.
+
+    q: (B, 2H, Lq, d), k: (B, 2Hkv, Lk, d), v: (B, Hkv, Lk, 2d), lam: (H,),
+    attn_mask: None, bool (True = may attend) or additive float mask
+    broadcastable to (B, H, Lq, Lk); is_causal: bottom-right aligned causal
+    mask (in addition to attn_mask); scale: softmax scale.
+    Returns (B, H, Lq, 2d) in q's dtype.  Rows that see no key give zeros.
+    Call ``triton_not_supported_reasons`` first; this function assumes support.
+    """
+    acc = _acc_dtype(q.dtype)
+    if lam.dtype != acc:
+        lam = lam.to(acc)  # differentiable cast; gradient flows back to lam
+    lam = lam.contiguous()
+    scale = float(scale)
+    is_causal = bool(is_causal)
+    if attn_mask is not None:
+        attn_mask = attn_mask.detach()
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, lam))
+    if not needs_grad:
+        out, _, _ = _forward(q, k, v, lam, attn_mask, is_causal, scale, store_aux=False)
+        return out
+    return _DiffAttentionFn.apply(q, k, v, lam, attn_mask, is_causal, scale)
