@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (the 'hf' extra)")
 
 from transformers import DiffLlamaConfig, DiffLlamaForCausalLM, DiffLlamaModel  # noqa: E402
+from transformers.models.diffllama.modeling_diffllama import DiffLlamaAttention  # noqa: E402
 
 from multihead_sdpadiff import MultiheadDiffAttn, RotaryEmbedding  # noqa: E402
 from multihead_sdpadiff.hf import (  # noqa: E402
@@ -24,6 +26,8 @@ from multihead_sdpadiff.hf import (  # noqa: E402
 # GQA 2:1 with head_dim 8 and two kv groups (so that "head g + Kh/2" is not trivially head 1).
 VARIANTS = {"mha": (4, 4), "gqa": (8, 4)}
 PAD = 0
+# transformers renamed the models' `past_key_values` argument to `cache` (5.2x; the old name is deprecated).
+CACHE_KW = "cache" if "cache" in inspect.signature(DiffLlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -180,7 +184,7 @@ def test_sub_norm_weight_is_folded_into_o_proj():
 def test_convert_swaps_every_layer_and_leaves_the_original():
     model = make_model("gqa")
     converted = convert_diffllama(model, impl="sdpa_2pass")
-    assert all(type(layer.self_attn).__name__ == "DiffLlamaAttention" for layer in model.model.layers)
+    assert all(isinstance(layer.self_attn, DiffLlamaAttention) for layer in model.model.layers)
     adapters = [layer.self_attn for layer in converted.model.layers]
     assert all(isinstance(a, DiffLlamaAttentionAdapter) for a in adapters)
     assert [a.layer_idx for a in adapters] == [0, 1] and adapters[0].attn.impl == "sdpa_2pass"
@@ -231,8 +235,12 @@ def test_training_gradients_equal():
     model = make_model("gqa", "sdpa", torch.float64, exact_lambda=True).train()
     converted = convert_diffllama(model).train()
     ids, mask = left_padded_batch()
-    model(ids, attention_mask=mask, labels=ids).loss.backward()
-    converted(ids, attention_mask=mask, labels=ids).loss.backward()
+    # A padding position sees no key, so its output is a convention (zeros in transformers 5's SDPA
+    # path, other values elsewhere): leave out every label that a padding position predicts.
+    predicted_by_pad = torch.cat((torch.zeros_like(mask[:, :1]), mask[:, :-1]), dim=1) == 0
+    labels = ids.masked_fill(predicted_by_pad, -100)
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    converted(ids, attention_mask=mask, labels=labels).loss.backward()
     for theirs, adapter in zip(model.model.layers, converted.model.layers, strict=True):
         ours = adapter.self_attn.attn
         # A module holding our gradients as its weights, mapped like weights.
@@ -257,15 +265,18 @@ def test_cached_pieces_equal_one_pass():
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() makes them for left padding
     with torch.no_grad():
         full = converted(ids, attention_mask=mask, position_ids=pos).logits
-        cache, outs, start = DynamicCache(config=converted.config), [], 0
+        cache, outs, start = DynamicCache(), [], 0
         for size in (5, 3, 1, 1, 2):
             out = converted(ids[:, start:start + size], attention_mask=mask[:, :start + size],
-                            position_ids=pos[:, start:start + size], cache=cache, use_cache=True)
+                            position_ids=pos[:, start:start + size], use_cache=True, **{CACHE_KW: cache})
             outs.append(out.logits)
             start += size
         assert cache.get_seq_length() == 12
-        k, v = cache.layers[0].keys, cache.layers[0].values
-        assert k.shape == v.shape == (2, model.config.num_key_value_heads, 12, 8)  # config-shaped
+        for layer_idx in range(2):
+            layer = cache.layers[layer_idx] if hasattr(cache, "layers") else None  # transformers 5 / 4
+            k, v = (layer.keys, layer.values) if layer is not None else (cache.key_cache[layer_idx],
+                                                                        cache.value_cache[layer_idx])
+            assert k.shape == v.shape == (2, model.config.num_key_value_heads, 12, 8)  # config-shaped
         assert_close_on_real_tokens(torch.cat(outs, dim=1), full, mask, atol=1e-10)
 
 

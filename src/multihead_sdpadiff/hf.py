@@ -241,7 +241,10 @@ class _CacheLayerView(KVCache):
         b, hk, length, d = k.shape
         hkv = v.shape[1]
         v_maps = v.unflatten(-1, (2, d)).transpose(2, 3).reshape(b, hk, length, d)  # (B, 2Hkv, L, d)
-        keys, values = self.hf_cache.update(k, v_maps, self.layer_idx)
+        # Older static caches (transformers 4.x, 5.0) write where cache_kwargs["cache_position"] says;
+        # newer ones track the position themselves and ignore the argument.
+        cache_kwargs = {"cache_position": torch.arange(self._len, self._len + length, device=k.device)}
+        keys, values = self.hf_cache.update(k, v_maps, self.layer_idx, cache_kwargs)
         n = self._len + length
         # A static cache returns its whole buffer; the slots past n are unwritten.
         keys, values = keys[:, :, :n], values[:, :, :n]
@@ -304,8 +307,10 @@ class DiffLlamaAttentionAdapter(nn.Module):
       buffer and mask are cut to the ``past + L`` positions written so far, so that the
       bottom-right causal rule holds there too.
 
-    Other keyword arguments (``position_ids``, ``use_cache``, ``cache_position``, ...) are accepted
-    and unused: positions arrive through ``position_embeddings``, and the cache knows its length.
+    ``cache_position`` (passed by older transformers) gives the number of cached positions when
+    present; otherwise the cache's ``get_seq_length(layer_idx)`` does. Other keyword arguments
+    (``position_ids``, ``use_cache``, ...) are accepted and unused: positions arrive through
+    ``position_embeddings``.
     """
 
     is_causal = True
@@ -340,7 +345,11 @@ class DiffLlamaAttentionAdapter(nn.Module):
             )
         view = None
         if cache is not None:
-            past = int(cache.get_seq_length(self.layer_idx))
+            cache_position = kwargs.get("cache_position")  # passed by transformers 4.x and 5.0, not 5.24
+            if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+                past = int(cache_position[0])
+            else:
+                past = int(cache.get_seq_length(self.layer_idx))
             view = _CacheLayerView(cache, self.layer_idx, past)
             if attention_mask is not None and attention_mask.shape[-1] > past + length:
                 attention_mask = attention_mask[..., : past + length]  # a static cache's unwritten slots
