@@ -75,6 +75,40 @@ def check_position_ids(position_ids, batch: int, length: int):
     return position_ids
 
 
+def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width: int):
+    """The front half shared by the differential layers: input checks, projections, RoPE, cache.
+
+    ``module`` has ``q_proj`` (2H maps of width ``head_dim``), ``k_proj`` (``k_maps`` maps),
+    ``v_proj`` (``num_kv_heads`` heads of width ``v_width``), ``embed_dim`` and ``head_dim``. RoPE is
+    applied GPT-J style to q and k at positions ``len(cache) + l`` or ``position_ids``. Returns q
+    ``(B, 2H, L, d)``, and k ``(B, k_maps, Lk, d)`` and v ``(B, num_kv_heads, Lk, v_width)`` with
+    ``Lk = len(cache) + L``, all in the op's (B, heads, length, width) layout.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != module.embed_dim:
+        raise ValueError(f"x must be (B, L, embed_dim={module.embed_dim}), got shape {tuple(x.shape)}")
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
+    b, length, _ = x.shape
+    d = module.head_dim
+    past = len(cache) if cache is not None else 0
+    position_ids = check_position_ids(position_ids, b, length)
+
+    q = module.q_proj(x).view(b, length, -1, d)
+    k = module.k_proj(x).view(b, length, k_maps, d)
+    v = module.v_proj(x).view(b, length, module.num_kv_heads, v_width)
+    if rel_pos is not None:
+        cos, sin = check_rel_pos(rel_pos, d, past + length if position_ids is None else None)
+        q = apply_rotary_emb(q, cos, sin, True, past, position_ids=position_ids)
+        k = apply_rotary_emb(k, cos, sin, True, past, position_ids=position_ids)
+
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, width)
+    if cache is not None:
+        k, v = cache.update(k, v)  # the whole cached length
+    return q, k, v
+
+
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -211,28 +245,9 @@ class MultiheadDiffAttn(nn.Module):
 
         Returns ``(B, L, embed_dim)``.
         """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must be (B, L, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
-        if cache is not None and not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
-        b, length, _ = x.shape
-        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        past = len(cache) if cache is not None else 0
-        position_ids = check_position_ids(position_ids, b, length)
-
-        q = self.q_proj(x).view(b, length, 2 * h, d)
-        k = self.k_proj(x).view(b, length, 2 * hkv, d)
-        v = self.v_proj(x).view(b, length, hkv, 2 * d)
-        if rel_pos is not None:
-            cos, sin = check_rel_pos(rel_pos, d, past + length if position_ids is None else None)
-            q = apply_rotary_emb(q, cos, sin, True, past, position_ids=position_ids)
-            k = apply_rotary_emb(k, cos, sin, True, past, position_ids=position_ids)
-
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, width)
-        if cache is not None:
-            k, v = cache.update(k, v)  # (B, 2Hkv, past + L, d), (B, Hkv, past + L, 2d)
+        q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=2 * self.num_kv_heads,
+                              v_width=2 * self.head_dim)  # (B, 2H, L, d), (B, 2Hkv, Lk, d), (B, Hkv, Lk, 2d)
+        b, length = x.shape[:2]
         out = diff_attention(
             q, k, v, self.lambda_full(), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling, impl=self.impl
         )  # (B, H, L, 2d)

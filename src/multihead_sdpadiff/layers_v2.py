@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 from .cache import KVCache
-from .layers import _check_positive_int, check_position_ids, check_rel_pos
+from .layers import _check_positive_int, project_qkv
 from .ops.v2 import IMPLS_V2, diff_attention_v2
-from .rotary import apply_rotary_emb
 
 __all__ = ["MultiheadDiffAttnV2"]
 
@@ -133,33 +132,14 @@ class MultiheadDiffAttnV2(nn.Module):
 
         Returns ``(B, L, embed_dim)``.
         """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must be (B, L, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
-        if cache is not None and not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
-        b, length, _ = x.shape
-        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        past = len(cache) if cache is not None else 0
-        position_ids = check_position_ids(position_ids, b, length)
-
-        q = self.q_proj(x).view(b, length, 2 * h, d)
-        k = self.k_proj(x).view(b, length, hkv, d)
-        v = self.v_proj(x).view(b, length, hkv, d)
-        if rel_pos is not None:
-            cos, sin = check_rel_pos(rel_pos, d, past + length if position_ids is None else None)
-            q = apply_rotary_emb(q, cos, sin, True, past, position_ids=position_ids)
-            k = apply_rotary_emb(k, cos, sin, True, past, position_ids=position_ids)
-
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, d)
-        if cache is not None:
-            k, v = cache.update(k, v)  # (B, Hkv, past + L, d) each
+        q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads,
+                              v_width=self.head_dim)  # (B, 2H, L, d), (B, Hkv, Lk, d) each
+        b, length = x.shape[:2]
         out = diff_attention_v2(
             q, k, v, self.lambda_full(x), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling,
             impl=self.impl,
         )  # (B, H, L, d)
-        return self.o_proj(out.transpose(1, 2).reshape(b, length, h * d))
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:
         return (
