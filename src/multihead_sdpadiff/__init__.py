@@ -11,12 +11,15 @@ from .layers import (
     lambda_init_fn,
 )
 from .masks import causal_mask
+from .models import DiffTransformer, DiffTransformerConfig
 from .ops import IMPLS, choose_impl, diff_attention
 from .rotary import RotaryEmbedding, apply_rotary_emb
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "DiffTransformer",
+    "DiffTransformerConfig",
     "IMPLS",
     "KVCache",
     "MultiheadDiffAttn",
