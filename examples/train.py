@@ -1,6 +1,6 @@
 """Train a small byte-level DiffTransformer on a text file, on CPU, in a few minutes.
 
-    python examples/train.py                          # generated corpus, default model, ~3 min on 2 cores
+    python examples/train.py                          # generated corpus, default model, 1-2 min on 2 idle cores
     python examples/train.py --text book.txt --steps 1000
     python examples/train.py --attention standard     # the baseline, same parameter budget
     python examples/train.py --ddp 2                  # 2 processes, gloo on loopback, same global batch

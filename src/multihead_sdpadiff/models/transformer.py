@@ -54,9 +54,9 @@ class DiffTransformerConfig:
             of 16.
         match_params: shrink each block's SwiGLU so that the block has as many parameters as a
             ``"standard"`` block of the same config (to within ``3 · embed_dim``, one hidden unit).
-            ``"diff"`` needs no change (its extra ``6 · head_dim`` per layer, λ and the sub-norm, is
-            less than one unit); ``"diff_v2"``'s extra query maps and λ projection are paid for by
-            a narrower SwiGLU.
+            ``"diff"``'s extra ``6 · head_dim`` per layer (λ and the sub-norm) rounds to no change
+            unless ``num_heads == 2``; ``"diff_v2"``'s extra query maps and λ projection are paid
+            for by a narrower SwiGLU.
         max_seq_len: positions covered by the RoPE tables; longer inputs raise.
         rope_base: RoPE base θ.
         norm_eps: eps of every RMSNorm (blocks, final norm and the differential sub-norm).
