@@ -12,6 +12,7 @@ from .layers import (
 )
 from .layers_v2 import MultiheadDiffAttnV2
 from .masks import causal_mask
+from .models import DiffTransformer, DiffTransformerConfig
 from .ops import IMPLS, choose_impl, diff_attention
 from .ops.v2 import IMPLS_V2, diff_attention_v2
 from .rotary import RotaryEmbedding, apply_rotary_emb
@@ -19,6 +20,8 @@ from .rotary import RotaryEmbedding, apply_rotary_emb
 __version__ = "0.2.0"
 
 __all__ = [
+    "DiffTransformer",
+    "DiffTransformerConfig",
     "IMPLS",
     "IMPLS_V2",
     "KVCache",

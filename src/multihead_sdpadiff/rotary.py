@@ -50,7 +50,9 @@ def apply_rotary_emb(
         interleaved: GPT-J pairs ``(2j, 2j+1)`` if True, else NeoX pairs ``(j, j + rotary_dim/2)``.
         seqlen_offsets: token ``l`` of sequence ``b`` takes position ``offset + l``; an int, or a
             ``(B,)`` integer tensor (one offset per sequence, as with a KV cache).
-        position_ids: optional ``(B, L)`` integer positions; overrides ``seqlen_offsets``.
+        position_ids: optional ``(B, L)`` integer positions; overrides ``seqlen_offsets``. Eager
+            calls check that they lie inside the tables; compiled graphs skip that check, which
+            would read tensor values.
 
     The rotation is computed in float32 (float64 for float64 input) and cast back to ``x.dtype``.
     Features past ``rotary_dim`` pass through unchanged.
@@ -80,7 +82,10 @@ def apply_rotary_emb(
         c = cos[seqlen_offsets : seqlen_offsets + length].to(work)[None, :, None]  # (1, L, 1, rot/2)
         s = sin[seqlen_offsets : seqlen_offsets + length].to(work)[None, :, None]
     else:
-        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= cos.shape[0]):
+        # The bounds check reads tensor values, which a compiled graph cannot branch on.
+        if not torch.compiler.is_compiling() and pos.numel() and (
+            int(pos.min()) < 0 or int(pos.max()) >= cos.shape[0]
+        ):
             raise ValueError(f"positions must lie in [0, {cos.shape[0]}) for these rotary tables")
         pos = pos.to(cos.device)
         c = cos[pos].to(work)[:, :, None]  # (B, L, 1, rot/2)
