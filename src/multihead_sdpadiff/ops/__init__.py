@@ -44,7 +44,7 @@ register(Strategy("sdpa_paired", _sdpa.sdpa_paired,
                   notes="On CPU, q and k are zero-padded to 2d as for sdpa_2pass."))
 register(Strategy("chunked", _chunked.chunked,
                   "exact, one query block at a time: both softmaxes, A1 - lam*A2, one product with v",
-                  flops=1.0, score_memory="O(block*N)", dtypes=_FLOAT,
+                  flops=1.0, score_memory="O(block*N)", dtypes=_FLOAT, compilable=False,
                   notes="Block size: SDPADIFF_CHUNK rows if set, else ~2M score elements per map."))
 
 
@@ -54,7 +54,7 @@ def _run_triton(q, k, v, lam, mask, scale):
 
 register(Strategy("triton", _run_triton,
                   "fused Triton kernel: two online softmaxes, each K/V tile read once, forward and backward",
-                  flops=1.5, score_memory="O(N)",
+                  flops=1.5, score_memory="O(N)", compilable=False,
                   check=lambda i: _triton_fused.triton_not_supported_reasons(i.q, i.k, i.v, i.lam, i.mask.tensor, i.mask.causal),
                   notes="NVIDIA GPUs of compute capability >= 8.0 with the triton extra; on CPU only under "
                         "TRITON_INTERPRET=1 (slow, for tests). Head dims 16, 32, 64, 128."))
@@ -69,6 +69,7 @@ IMPLS: tuple[str, ...] = REGISTRY.names()
 REGISTRY.rules = AUTO_RULES = (
     AutoRule("sdpa_4pass", "CPU decode step (Lq <= 16): flash SDPA calls, no block loop", device="cpu", max_lq=16),
     AutoRule("chunked", "CPU: exact at the FLOPs of standard attention, fastest measured", device="cpu"),
+    AutoRule("sdpa_4pass", "CPU under torch.compile (chunked cannot be traced): flash SDPA calls", device="cpu"),
     AutoRule("triton", "CUDA: one fused kernel at 1.5x FLOPs, O(N) memory", device="cuda"),
     AutoRule("sdpa_2pass", "CUDA without triton: 1.5x FLOPs on fused SDPA kernels, O(N) memory", device="cuda"),
     AutoRule("chunked", "other devices: plain matmul and softmax, O(block * N) memory"),
@@ -148,7 +149,7 @@ def diff_attention(
     """
     inputs = _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale)
     strategy, why = REGISTRY.resolve(impl, inputs)
-    if impl == "auto" and _log.isEnabledFor(logging.DEBUG):
+    if impl == "auto" and not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG):
         _log.debug("diff_attention ran %s (%s) for q %s", strategy.name, why, tuple(q.shape))
     return strategy(inputs)
 

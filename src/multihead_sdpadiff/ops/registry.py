@@ -62,6 +62,8 @@ class Strategy:
         devices: device types it runs on (``None`` = any).
         dtypes: dtypes it accepts (``None`` = any floating dtype).
         check: optional extra capability check returning reasons (empty = supported).
+        compilable: whether it can be traced by ``torch.compile(fullgraph=True)``; when not, it
+            refuses to run inside a compiled region (with that reason) and "auto" moves on.
         notes: caveats for the docs (for example a backend that falls back to math).
     """
 
@@ -73,6 +75,7 @@ class Strategy:
     devices: frozenset[str] | None = None
     dtypes: frozenset[torch.dtype] | None = None
     check: Callable[[OpInputs], list[str]] | None = None
+    compilable: bool = True
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -82,6 +85,9 @@ class Strategy:
             reasons.append(f"device {inputs.device.type} not in {sorted(self.devices)}")
         if self.dtypes is not None and inputs.dtype not in self.dtypes:
             reasons.append(f"dtype {inputs.dtype} not in {sorted(str(d) for d in self.dtypes)}")
+        if not self.compilable and torch.compiler.is_compiling():
+            reasons.append("it cannot be traced by torch.compile (data-dependent Python control flow); "
+                           "call it outside the compiled region or pick an SDPA strategy")
         if self.check is not None and not reasons:
             reasons.extend(self.check(inputs))
         return reasons
