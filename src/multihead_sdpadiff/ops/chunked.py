@@ -46,6 +46,7 @@ class _Plan:
         self.rep = self.h // self.hkv
         self.mask = mask
         self.k_t = None
+        self._hidden: dict[tuple[int, int, int], torch.Tensor] = {}
         self.block = block or block_size(self.b, self.h, self.lk, q.device)
         self.work = torch.float64 if q.dtype == torch.float64 else torch.float32
         # For each query block: (i0, i1, k0, k1), the visible key range [k0, k1).
@@ -63,6 +64,20 @@ class _Plan:
                 cols = visible[i0:i1, :k1].any(dim=0).nonzero()
                 k0, k1 = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 0)
             self.blocks.append((i0, i1, k0, k1))
+
+    def causal_hidden(self, rows: int, shift: int, width: int, device) -> torch.Tensor:
+        """Bool ``(rows, width)``: True where the causal mask hides column ``c`` from row ``r``.
+
+        The block's columns start ``shift`` past the first one its first row cannot see, so the
+        pattern is ``c + shift >= r``; it repeats across blocks and is built once per shape.
+        """
+        key = (rows, shift, width)
+        hidden = self._hidden.get(key)
+        if hidden is None:
+            r = torch.arange(rows, device=device).unsqueeze(1)
+            c = torch.arange(width, device=device).unsqueeze(0)
+            hidden = self._hidden[key] = c + shift >= r
+        return hidden
 
     def q_block(self, q, i0, i1, scale=1.0):
         """(B, 2H, Lq, d) -> (B, Hkv, 2, rep*bq, d), times ``scale``: a group's heads stacked along rows."""
@@ -84,8 +99,7 @@ class _Plan:
         c0 = max(k0, i0 + off + 1)  # the first column the causal mask may hide in this block
         causal_cols = self.mask.causal and c0 < k1
         if causal_cols:
-            rows = torch.arange(i0, i1, device=s.device).unsqueeze(1)
-            hidden = torch.arange(c0, k1, device=s.device).unsqueeze(0) > rows + off  # (bq, k1 - c0)
+            hidden = self.causal_hidden(i1 - i0, c0 - (i0 + off + 1), k1 - c0, s.device)  # (bq, k1 - c0)
         if m is not None:
             mb = m[:, :, i0:i1, k0:k1]  # (B|1, H|1, bq, kl)
             mb = mb.unflatten(1, (self.hkv, self.rep) if mb.shape[1] > 1 else (1, 1)).unsqueeze(2)
