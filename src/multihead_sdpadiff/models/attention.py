@@ -194,8 +194,10 @@ def attention_maps(
         lam = attn.lambda_full().to(a1.dtype)
         return LayerAttention(a1 - lam * a2, a1, a2, lam)
     if isinstance(attn, StandardAttention):
-        q, k, _ = attn._qkv(x, rel_pos, position_ids, None) if cache is None else (
-            _project_q(attn, x, attn.num_heads, rel_pos, position_ids, past), cache.keys(), None)
+        if cache is None:
+            q, k, _ = attn._qkv(x, rel_pos, position_ids, None)
+        else:
+            q, k = _project_q(attn, x, attn.num_heads, rel_pos, position_ids, past), cache.keys()
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
         k = k.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)  # (B, H, S, d)
         scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * attn.scaling  # (B, H, L, S)

@@ -54,9 +54,9 @@ class DiffTransformerConfig:
             of 16.
         match_params: shrink each block's SwiGLU so that the block has as many parameters as a
             ``"standard"`` block of the same config (to within ``3 · embed_dim``, one hidden unit).
-            ``"diff"`` needs no change (its extra ``6 · head_dim`` per layer, λ and the sub-norm, is
-            less than one unit); ``"diff_v2"``'s extra query maps and λ projection are paid for by
-            a narrower SwiGLU.
+            ``"diff"``'s extra ``6 · head_dim`` per layer (λ and the sub-norm) rounds to no change
+            unless ``num_heads == 2``; ``"diff_v2"``'s extra query maps and λ projection are paid
+            for by a narrower SwiGLU.
         max_seq_len: positions covered by the RoPE tables; longer inputs raise.
         rope_base: RoPE base θ.
         norm_eps: eps of every RMSNorm (blocks, final norm and the differential sub-norm).
@@ -224,7 +224,18 @@ class DiffTransformer(nn.Module):
         self.norm = RMSNorm(config.embed_dim, eps=config.norm_eps, **kw)
         head_dim = getattr(self.layers[0].attn, "head_dim", config.head_dim)
         self.rotary = RotaryEmbedding(head_dim, base=config.rope_base)
+        # The (cos, sin) tables are buffers, so they move with the model and a compiled forward
+        # reads them without guarding on RotaryEmbedding's lazily filled table cache.
+        cos, sin = self._rope_tables(device, dtype)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim / 2)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+
+    def _rope_tables(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Angles are computed in float32 (float64 for a float64 model). A later .to(bfloat16)
+        # rounds the cos/sin values, an error no larger than the rotated q/k's own bf16 rounding.
+        table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return self.rotary(self.config.max_seq_len, device=device, dtype=table_dtype)
 
     # ----------------------------------------------------------------------------------- setup
 
@@ -325,9 +336,7 @@ class DiffTransformer(nn.Module):
                 position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, L)
 
         x = self.embed_tokens(input_ids)  # (B, L, E)
-        # float32 tables for every low-precision model: bf16 angles would blur distant positions.
-        table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        cos, sin = self.rotary(self.config.max_seq_len, device=x.device, dtype=table_dtype)
+        cos, sin = self.rope_cos, self.rope_sin
         maps = []
         for i, block in enumerate(self.layers):
             x, layer_maps = block(x, (cos, sin), key_mask, position_ids, cache[i] if cache is not None else None,
@@ -444,7 +453,9 @@ class DiffTransformer(nn.Module):
         if not isinstance(blob, dict) or blob.get("format") != _CHECKPOINT_FORMAT:
             raise ValueError(f"{os.fspath(path)!r} is not a DiffTransformer checkpoint ({_CHECKPOINT_FORMAT})")
         model = cls(DiffTransformerConfig(**blob["config"]), device="meta")
-        model.load_state_dict(blob["state_dict"], assign=True)  # strict: a meta tensor must not survive
+        model.load_state_dict(blob["state_dict"], assign=True)  # strict: no parameter stays on meta
+        weight = model.embed_tokens.weight
+        model.rope_cos, model.rope_sin = model._rope_tables(weight.device, weight.dtype)
         return model
 
     def extra_repr(self) -> str:
