@@ -21,7 +21,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "tokens; measure held-out accuracy, loss and where the last query's attention goes; write "
         "results.json, figures and report.md."))
     p.add_argument("--quick", action="store_true", help="the quick preset (about 2 minutes on 2 cores)")
-    p.add_argument("--out", default="demo-results", help="report folder (default: %(default)s)")
+    p.add_argument("--out", default="runs/demo", help="report folder (default: %(default)s)")
     p.add_argument("--models", nargs="+", choices=MODELS, help="default: all three")
     p.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
     p.add_argument("--steps", type=int, help="training steps per model and seed")

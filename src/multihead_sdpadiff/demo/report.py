@@ -67,8 +67,9 @@ def summarize(results: dict) -> dict:
                         [statistics.fmean(e["attention"][share][region][i]) for e, (i, _) in
                          zip(evs, heads, strict=True)])
             per_noise[n] = row
+        reached = [next((step for step, acc in r["heldout_accuracy"] if acc >= 0.99), math.inf) for r in runs]
         out[model] = {"num_parameters": runs[0]["num_parameters"], "retrieval_heads": heads, "noise": per_noise,
-                      "train_seconds": _stats([r["train_seconds"] for r in runs])}
+                      "train_seconds": _stats([r["train_seconds"] for r in runs]), "steps_to_99": reached}
     return out
 
 
@@ -181,6 +182,10 @@ def write_report(results: dict, folder: str | os.PathLike, figures: list[str] | 
         L.append(f"| {m} | {summary[m]['num_parameters']:,} | " + " | ".join(_pm(s[n]["accuracy"]) for n in noises)
                  + " | " + " | ".join(_pm(s[n]["loss"]) for n in noises) + " |")
     L.append("")
+    L.append(f"Training steps until the held-out accuracy at L={lens[noises[0]]} first reaches 0.99 (checked every "
+             f"{cfg['curve_every']} steps on {cfg['curve_examples']} sequences; inf: never), per seed: "
+             + "; ".join(f"{m} {', '.join(str(x) for x in summary[m]['steps_to_99'])}" for m in results["models"])
+             + ".\n")
     L.append("## Where the last query's attention goes\n")
     L.append("For the last query of each sequence, the row of the map that multiplies the values: the softmax for "
              "`standard`, `A1 − λ·A2` for `diff` (one λ per layer) and `A_even − λ_t·A_odd` for `diff_v2` (λ per "
@@ -359,6 +364,7 @@ def write_plots(results: dict, folder: str | os.PathLike) -> list[str]:
         a2.fill_between(xs, [min(c) for c in zip(*accs, strict=True)], [max(c) for c in zip(*accs, strict=True)], alpha=0.2,
                         color=_COLORS.get(m))
     a1.set_xlabel("step")
+    a1.set_yscale("log")  # the loss falls by orders of magnitude once the task is learned
     a1.set_ylabel(f"training loss (moving mean of {window})")
     a1.legend(fontsize=8)
     a2.set_xlabel("step")
