@@ -90,9 +90,9 @@ class DemoConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # About 10 minutes on 2 otherwise idle CPU cores.
+    # 4 to 6 minutes on 2 shared CPU cores (two or three models).
     "default": {},
-    # About 2 minutes: fewer steps and smaller held-out sets; the numbers are noisy.
+    # About 1.5 minutes: fewer steps, no L=406 and smaller held-out sets; the numbers are noisier.
     "quick": {"steps": 300, "eval_noise": (48, 96, 192), "eval_examples": 256, "attn_examples": 64,
               "curve_every": 25, "curve_examples": 64},
 }
