@@ -209,6 +209,10 @@ def test_config_rejects_bad_fields():
         DemoConfig(steps=0)
     with pytest.raises(ValueError, match="num_queries"):
         DemoConfig(num_queries=9, num_pairs=4)
+    with pytest.raises(ValueError, match="eval_noise"):
+        DemoConfig(eval_noise=(48, -1))
+    with pytest.raises(ValueError, match="lr"):
+        DemoConfig(lr=0.0)
 
 
 def test_quick_run_end_to_end(tmp_path):

@@ -43,9 +43,9 @@ def _config(args) -> DemoConfig:
         value = getattr(args, name)
         if value is not None:
             fields[name] = tuple(value) if isinstance(value, list) else value
-    if "curve_every" not in fields or fields["curve_every"] > fields.get("steps", DemoConfig.steps):
-        fields["curve_every"] = max(1, min(fields.get("curve_every", DemoConfig.curve_every),
-                                           fields.get("steps", DemoConfig.steps) // 4 or 1))
+    steps = fields.get("steps", DemoConfig.steps)
+    if fields.get("curve_every", DemoConfig.curve_every) > steps:  # a short run still gets a few points
+        fields["curve_every"] = max(1, steps // 4)
     return DemoConfig(**fields)
 
 
@@ -62,8 +62,8 @@ def _draw(results: dict, out: Path) -> None:
 def _print_summary(results: dict) -> None:
     summary = summarize(results)
     noises = [str(n) for n in results["config"]["eval_noise"]]
-    print(f"{'model':>8} {'params':>8}  " + "  ".join(f"{'acc L=' + str(summary[m]['noise'][n]['seq_len']):>15}"
-                                                 for m in list(summary)[:1] for n in noises)
+    lengths = summary[results["models"][0]]["noise"]
+    print(f"{'model':>8} {'params':>8}  " + "  ".join(f"{'acc L=' + str(lengths[n]['seq_len']):>15}" for n in noises)
           + f"  {'answer share (abs, head)':>24}")
     for m, s in summary.items():
         accs = "  ".join(f"{s['noise'][n]['accuracy']['mean']:>7.3f} ± {s['noise'][n]['accuracy']['std']:.3f}"

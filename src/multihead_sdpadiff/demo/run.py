@@ -71,6 +71,13 @@ class DemoConfig:
             raise ValueError("seeds must not be empty")
         if not self.eval_noise:
             raise ValueError("eval_noise must not be empty")
+        for value in (self.train_noise, *self.eval_noise):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"DemoConfig.train_noise and eval_noise must be ints >= 0, got {value!r}")
+        for name in ("lr", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"DemoConfig.{name} must be a positive number, got {value!r}")
         for name in ("steps", "batch_size", "eval_examples", "attn_examples", "curve_every", "curve_examples",
                      "threads"):
             value = getattr(self, name)
