@@ -1,4 +1,4 @@
-"""The ``sdpadiff`` command line: ``sdpadiff check`` and ``sdpadiff bench``."""
+"""The ``sdpadiff`` command line: ``sdpadiff check``, ``sdpadiff bench`` and ``sdpadiff demo``."""
 
 from __future__ import annotations
 
@@ -32,9 +32,15 @@ def _bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def _demo(argv: list[str]) -> int:
+    from .demo.cli import main as demo_main  # imported lazily: it trains models and draws figures
+
+    return demo_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"check": _check, "bench": _bench}
+    commands = {"check": _check, "bench": _bench, "demo": _demo}
     if not argv or argv[0] not in commands:
         print(f"usage: sdpadiff {{{','.join(commands)}}} [options]  (sdpadiff COMMAND --help)", file=sys.stderr)
         return 2
