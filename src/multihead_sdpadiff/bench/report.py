@@ -1,0 +1,59 @@
+"""The terminal table, drawn from a results document (live or loaded from its file)."""
+
+from __future__ import annotations
+
+COLUMNS = (
+    ("method", "<"), ("N", ">"), ("status", "<"), ("median ms", ">"), ("IQR ms", ">"), ("x standard", ">"),
+    ("GFLOP/s", ">"), ("peak MiB", ">"), ("x qkv", ">"),
+)
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _cells(r: dict) -> list[str]:
+    name = r["method"] + (f" ({r['resolved']})" if r.get("resolved") else "")
+    ms = None if r["median_s"] is None else r["median_s"] * 1e3
+    iqr = None if r["iqr_s"] is None else r["iqr_s"] * 1e3
+    mib = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
+    return [name, str(r["seq_len"]), r["status"], _fmt(ms, ".3g" if ms is not None and ms < 1 else ".1f"),
+            _fmt(iqr, ".2g"), _fmt(r["ratio"], ".2f"), _fmt(r["gflops"], ".1f"), _fmt(mib, ".1f"),
+            _fmt(r["mem_ratio"], ".2f")]
+
+
+def _table(rows: list[dict]) -> list[str]:
+    body = [_cells(r) for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in body)) for i, (h, _) in enumerate(COLUMNS)]
+
+    def line(cells):
+        return "  ".join(f"{c:{a}{w}}" for c, (_, a), w in zip(cells, COLUMNS, widths, strict=True)).rstrip()
+
+    return [line([h for h, _ in COLUMNS]), line(["-" * w for w in widths]), *map(line, body)]
+
+
+def format_report(doc: dict) -> str:
+    env, cfg = doc["env"], doc["config"]
+    head = (f"sdpadiff bench: level {cfg['level']}, {env['device']} ({env['device_name']}), {env['dtype']}, "
+            f"{env['threads']} threads, B={cfg['batch']} E={cfg['embed_dim']} heads={cfg['num_heads']} "
+            f"kv_heads={cfg['num_kv_heads']}; torch {env['torch']}")
+    out = [head]
+    rows = doc["results"]
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        out += ["", f"[{mode}]"]
+        out += _table([r for r in rows if r["mode"] == mode])
+    notes = _notes(rows)
+    if notes:
+        out += ["", "not timed:"] + notes
+    if doc.get("interrupted"):
+        out += ["", "interrupted: the table holds what was measured before Ctrl-C"]
+    return "\n".join(out)
+
+
+def _notes(rows: list[dict]) -> list[str]:
+    """One line per (method, status, reason), listing the cases it covers."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            groups.setdefault((r["method"], r["status"], r["reason"]), []).append(f"{r['mode']}@{r['seq_len']}")
+    return [f"  {m} [{s}] ({', '.join(where)}): {reason}" for (m, s, reason), where in groups.items()]
