@@ -38,6 +38,9 @@ def format_report(doc: dict) -> str:
             f"{env['threads']} threads, B={cfg['batch']} E={cfg['embed_dim']} heads={cfg['num_heads']} "
             f"kv_heads={cfg['num_kv_heads']}; torch {env['torch']}")
     out = [head]
+    if env["device"] == "cpu" and _busy(env):
+        out.append(f"warning: 1-minute load average {env.get('load_average')} before, {env.get('load_average_end')} "
+                   f"after, on {env.get('cpu_count')} CPUs: other processes were running, CPU times are inflated")
     rows = doc["results"]
     for mode in dict.fromkeys(r["mode"] for r in rows):
         out += ["", f"[{mode}]"]
@@ -48,6 +51,14 @@ def format_report(doc: dict) -> str:
     if doc.get("interrupted"):
         out += ["", "interrupted: the table holds what was measured before Ctrl-C"]
     return "\n".join(out)
+
+
+def _busy(env: dict) -> bool:
+    """Was the machine busy? Before the run the load is other processes'; after it, it includes
+    this run's own threads."""
+    cores = env.get("cpu_count") or 1
+    before, after = env.get("load_average"), env.get("load_average_end")
+    return bool((before and before[0] > 0.5 * cores + 0.25) or (after and after[0] > cores + 1))
 
 
 def _notes(rows: list[dict]) -> list[str]:

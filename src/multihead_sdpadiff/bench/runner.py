@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +103,14 @@ def _git_commit() -> str | None:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def _load() -> list[float] | None:
+    """1, 5 and 15 minute load averages: other processes on the machine distort CPU timings."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def environment(cfg: BenchConfig, command_line: str) -> dict:
     cuda = cfg.device.startswith("cuda")
     return {
@@ -120,6 +129,7 @@ def environment(cfg: BenchConfig, command_line: str) -> dict:
         "dtype": _dtype_name(cfg.dtype),
         "transformers": _version("transformers"),
         "triton": _version("triton"),
+        "load_average": _load(),
         "memory_method": "torch.cuda.max_memory_allocated growth" if cuda
         else "torch.profiler memory events (running peak of allocations minus frees)",
     }
@@ -187,15 +197,21 @@ def _measure(method: Method, case: Case, cfg: BenchConfig, tensors: dict) -> dic
             with torch.inference_mode():
                 return method.run(state)
 
-    for _ in range(2):  # warm-up: first-call allocations, kernel selection, lazy imports
-        if hook:
-            before()
-        fn()
+    # One warm-up call (first-call allocations, kernel choice, lazy imports); the profiled call
+    # below is a second one before any timing. The warm-up's time sizes the timing blocks.
+    if hook:
+        before()
+    start = time.perf_counter()
+    fn()
+    if case.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    warm_s = time.perf_counter() - start
     if hook:
         before()
     peak = peak_growth_bytes(fn, case.device)
     timing = time_call(fn, device=case.device, threads=cfg.threads, min_time=cfg.min_time,
-                       min_reps=cfg.min_reps, max_time=cfg.max_time, before_each=before if hook else None)
+                       min_reps=cfg.min_reps, max_time=cfg.max_time, before_each=before if hook else None,
+                       estimate_s=warm_s)
     return {"median_s": timing.median_s, "iqr_s": timing.iqr_s, "samples": timing.samples,
             "calls_per_sample": timing.calls_per_sample, "timer": timing.timer, "peak_bytes": peak}
 
@@ -273,6 +289,7 @@ def run_sweep(
         if bar is not None:
             bar.close()
         fill_derived(rows)
+        doc["env"]["load_average_end"] = _load()
         _write(doc, results_path)
     return doc
 

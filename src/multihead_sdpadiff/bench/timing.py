@@ -45,7 +45,10 @@ def time_call(
     min_reps: int,
     max_time: float,
     before_each: Callable[[], object] | None = None,
+    estimate_s: float | None = None,
 ) -> Timing:
+    """Time ``fn``; ``estimate_s`` (one warm call's time, if known) sizes the blocks without a
+    calibration call."""
     if device.startswith("cuda") and before_each is None and importlib.util.find_spec("triton") is not None:
         return _do_bench(fn, min_time)
     from torch.utils.benchmark import Timer
@@ -54,7 +57,7 @@ def time_call(
     timer = Timer(stmt="fn()", setup="before()" if before_each else "pass", globals=glob, num_threads=threads)
     number = 1
     if before_each is None:
-        first = timer.timeit(1).median
+        first = estimate_s if estimate_s is not None else timer.timeit(1).median
         number = max(1, int(BLOCK_S / max(first, 1e-9)))
     samples: list[float] = []
     start = time.perf_counter()
