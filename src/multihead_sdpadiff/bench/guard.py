@@ -4,7 +4,9 @@ gradients) agree with the float64 reference on a small case of the same structur
 Tolerance follows what the dtype can do, not a fixed number: the allowed relative error is
 ``max(FACTOR x e_plain, FLOOR[dtype])`` where ``e_plain`` is the error of a plain run in the same
 dtype (the paper's equation with no upcast at op level; the reference module run in that dtype at
-module level), against the same float64 truth. Errors are ``max|out - truth| / max|truth|``.
+module level), against the same float64 truth. The truth runs on the very inputs the method gets,
+upcast, so the error is the method's arithmetic, not the rounding of its inputs. Errors are
+``max|out - truth| / max|truth|``.
 """
 
 from __future__ import annotations
@@ -42,18 +44,18 @@ def rel_error(out: torch.Tensor, truth: torch.Tensor) -> float:
     return ((out - truth).abs().max() / truth.abs().max().clamp_min(1e-30)).item()
 
 
-def _module_truth(case: Case, t64: dict, kind: str, dtype: torch.dtype):
+def _module_truth(case: Case, t: dict, kind: str, dtype: torch.dtype):
     """A float64 (or ``dtype``) module with the case's weights: the reference module, or the
     standard layer with plain attention."""
     if kind == "standard":
         m = StandardMHA(case.embed_dim, case.num_heads, case.num_kv_heads, attend=plain_attention,
                         device=case.device, dtype=dtype)
-        m.load_state_dict({n: w.to(dtype) for n, w in t64["weights"].items()
+        m.load_state_dict({n: w.to(dtype) for n, w in t["weights"].items()
                            if n in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight")})
         return m
     m = msd.MultiheadDiffAttn(case.embed_dim, 0, case.num_heads, case.num_kv_heads, impl="reference",
                               device=case.device, dtype=dtype)
-    m.load_state_dict({n: w.to(dtype) for n, w in t64["weights"].items()})
+    m.load_state_dict({n: w.to(dtype) for n, w in t["weights"].items()})
     return m
 
 
@@ -94,7 +96,7 @@ def check_method(method: Method, case: Case, seed: int = 0) -> Verdict:
 
 
 def _check(method: Method, case: Case, seed: int) -> Verdict:
-    t64 = make_tensors(case, seed, dtype=torch.float64)
+    base = make_tensors(case, seed)  # in the case dtype
     kind = _truth_kind(method)
     grad_out = None
     if case.mode == "fwd_bwd":
@@ -103,10 +105,10 @@ def _check(method: Method, case: Case, seed: int) -> Verdict:
                                dtype=torch.float64).to(case.device)
     # Decode: op level draws one query against N keys; module level compares the cached step
     # with the last position of the truth's full pass.
-    truth, truth_grads = _run_truth(case, kind, t64, torch.float64, True, grad_out)
-    plain, plain_grads = _run_truth(case, kind, t64, case.dtype, False, grad_out)
+    truth, truth_grads = _run_truth(case, kind, base, torch.float64, True, grad_out)
+    plain, plain_grads = _run_truth(case, kind, base, case.dtype, False, grad_out)
 
-    tensors = _cast(t64, case.dtype, requires_grad=case.mode == "fwd_bwd", level=case.level)
+    tensors = _fresh(base, requires_grad=case.mode == "fwd_bwd")
     names = ("q", "k", "v") if case.level == "op" else ("x",)
     if case.mode == "fwd_bwd":
         state = method.prepare(case, tensors)
@@ -146,13 +148,14 @@ def _canonical_shape(case: Case, kind: str) -> tuple[int, ...]:
     return (case.batch, case.heads, case.q_len, 2 * case.head_dim)
 
 
-def _cast(t64: dict, dtype: torch.dtype, *, requires_grad: bool, level: str) -> dict:
+def _fresh(base: dict, *, requires_grad: bool) -> dict:
+    """The method's own copies of the inputs (leaves for the gradient check)."""
     out = {}
-    for name, value in t64.items():
+    for name, value in base.items():
         if name == "weights":
-            out[name] = {n: w.to(dtype) for n, w in value.items()}
+            out[name] = {n: w.clone() for n, w in value.items()}
         elif name == "lam":
-            out[name] = value.to(torch.float32 if dtype != torch.float64 else dtype)
+            out[name] = value.clone()
         else:
-            out[name] = value.to(dtype).requires_grad_(requires_grad)
+            out[name] = value.detach().clone().requires_grad_(requires_grad)
     return out
