@@ -43,11 +43,13 @@ def format_report(doc: dict) -> str:
                    f"after, on {env.get('cpu_count')} CPUs: other processes were running, CPU times are inflated")
     rows = doc["results"]
     for mode in dict.fromkeys(r["mode"] for r in rows):
+        # Only what can run here is a table row; a skipped method is listed below with its reason.
+        shown = [r for r in rows if r["mode"] == mode and r["status"] != "skipped"]
         out += ["", f"[{mode}]"]
-        out += _table([r for r in rows if r["mode"] == mode])
+        out += _table(shown) if shown else ["(nothing ran)"]
     notes = _notes(rows)
     if notes:
-        out += ["", "not timed:"] + notes
+        out += ["", "not timed (status, cases, reason):"] + notes
     if doc.get("interrupted"):
         out += ["", "interrupted: the table holds what was measured before Ctrl-C"]
     return "\n".join(out)
