@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import multihead_sdpadiff as msd
 from .cases import STANDARD, Case, Method, case_flops, make_tensors
 from .guard import Verdict, check_method
 from .memory import available_bytes, estimate_bytes, peak_growth_bytes
-from .timing import time_call
+from .timing import Sampler, interleaved, time_call, uses_do_bench
 
 SCHEMA = "sdpadiff-bench/1"
 
@@ -173,7 +174,18 @@ def _progress(total: int, enabled: bool):
 # ---- one measurement --------------------------------------------------------------------------
 
 
-def _measure(method: Method, case: Case, cfg: BenchConfig, tensors: dict) -> dict:
+@dataclass
+class Prepared:
+    """A method ready to time at one case: the timed call, its untimed hook, one warm call's time
+    and the measured peak memory growth."""
+
+    fn: Callable[[], object]
+    before: Callable[[], None] | None
+    warm_s: float
+    peak_bytes: int
+
+
+def _prepare_timed(method: Method, case: Case, cfg: BenchConfig, tensors: dict) -> Prepared:
     state = method.prepare(case, tensors)
     hook = state.get("before_each")
 
@@ -209,11 +221,42 @@ def _measure(method: Method, case: Case, cfg: BenchConfig, tensors: dict) -> dic
     if hook:
         before()
     peak = peak_growth_bytes(fn, case.device)
-    timing = time_call(fn, device=case.device, threads=cfg.threads, min_time=cfg.min_time,
-                       min_reps=cfg.min_reps, max_time=cfg.max_time, before_each=before if hook else None,
-                       estimate_s=warm_s)
-    return {"median_s": timing.median_s, "iqr_s": timing.iqr_s, "samples": timing.samples,
-            "calls_per_sample": timing.calls_per_sample, "timer": timing.timer, "peak_bytes": peak}
+    return Prepared(fn, before if hook else None, warm_s, peak)
+
+
+def _time_group(pending: list[tuple[dict, Prepared]], case: Case, cfg: BenchConfig, bar) -> None:
+    """Time the prepared methods of one case, interleaved (see timing.interleaved)."""
+    if not pending:
+        return
+    limits = {"min_time": cfg.min_time, "min_reps": cfg.min_reps, "max_time": cfg.max_time}
+    if uses_do_bench(case.device):
+        for row, prep in pending:
+            try:
+                row.update(_timing_fields(time_call(prep.fn, device=case.device, threads=cfg.threads,
+                                                    estimate_s=prep.warm_s, **limits)))
+            except Exception as exc:  # noqa: BLE001
+                row.update(status="error", reason=_short(exc))
+        return
+    samplers = [Sampler(p.fn, threads=cfg.threads, estimate_s=p.warm_s, before_each=p.before) for _, p in pending]
+
+    def on_error(i: int, exc: Exception) -> None:
+        pending[i][0].update(status="error", reason=_short(exc))
+
+    def on_round(r: int) -> None:
+        if bar is not None:
+            bar.set_postfix_str(f"{case.mode} N={case.seq_len}: timing, round {r}")
+
+    try:
+        interleaved(samplers, on_error=on_error, on_round=on_round, **limits)
+    finally:  # after Ctrl-C too: whatever was sampled is kept
+        for (row, _), sampler in zip(pending, samplers, strict=True):
+            if row["status"] == "ok" and sampler.samples:
+                row.update(_timing_fields(sampler.timing()))
+
+
+def _timing_fields(t) -> dict:
+    return {"median_s": t.median_s, "iqr_s": t.iqr_s, "samples": t.samples,
+            "calls_per_sample": t.calls_per_sample, "timer": t.timer}
 
 
 def _short(exc: BaseException) -> str:
@@ -226,11 +269,12 @@ def fill_derived(rows: list[dict]) -> None:
     floor = {(r["level"], r["mode"], r["seq_len"]): r["median_s"] for r in rows
              if r["method"] == STANDARD and r["status"] == "ok"}
     for r in rows:
-        ok = r["status"] == "ok"
+        ok = r["status"] == "ok" and r["median_s"] is not None  # not yet timed: no derived values
         base = floor.get((r["level"], r["mode"], r["seq_len"]))
         r["ratio"] = r["median_s"] / base if ok and base else None
         r["gflops"] = r["flops"] / r["median_s"] / 1e9 if ok and r.get("flops") else None
-        r["mem_ratio"] = r["peak_bytes"] / r["qkv_bytes"] if ok and r.get("peak_bytes") is not None else None
+        measured = r["status"] == "ok" and r.get("peak_bytes") is not None
+        r["mem_ratio"] = r["peak_bytes"] / r["qkv_bytes"] if measured else None
 
 
 # ---- the sweep --------------------------------------------------------------------------------
@@ -267,20 +311,7 @@ def run_sweep(
     try:
         for mode in cfg.modes:
             for n in cfg.seq_lens:
-                case = cfg.case(mode, n)
-                tensors = None
-                for method in methods:
-                    if bar is not None:
-                        bar.set_postfix_str(f"{mode} N={n} {method.name}")
-                    if tensors is None:
-                        tensors = make_tensors(case, cfg.seed)
-                    row = _run_one(method, case, cfg, tensors, verdicts, doc, free)
-                    rows.append(row)
-                    fill_derived(rows)
-                    _write(doc, results_path)
-                    if bar is not None:
-                        bar.update(1)
-                del tensors
+                _run_group(cfg.case(mode, n), methods, cfg, verdicts, doc, free, bar, results_path)
         doc["finished"] = True
     except KeyboardInterrupt:
         doc["interrupted"] = True
@@ -294,8 +325,39 @@ def run_sweep(
     return doc
 
 
-def _run_one(method: Method, case: Case, cfg: BenchConfig, tensors: dict, verdicts: dict, doc: dict,
-             free: int | None) -> dict:
+def _run_group(case: Case, methods: list[Method], cfg: BenchConfig, verdicts: dict, doc: dict,
+               free: int | None, bar, results_path: Path | None) -> None:
+    """All methods at one (mode, N): check, warm up and measure memory one by one, then time them
+    interleaved. Rows go into ``doc`` as soon as they exist, so an interruption keeps them."""
+    rows: list[dict] = doc["results"]
+    tensors = make_tensors(case, cfg.seed)
+    pending: list[tuple[dict, Prepared]] = []
+    try:
+        for method in methods:
+            if bar is not None:
+                bar.set_postfix_str(f"{case.mode} N={case.seq_len} {method.name}")
+            row, prepared = _prepare_row(method, case, cfg, tensors, verdicts, doc, free)
+            rows.append(row)
+            if prepared is None:
+                if bar is not None:
+                    bar.update(1)
+            else:
+                pending.append((row, prepared))
+            fill_derived(rows)
+            _write(doc, results_path)
+        _time_group(pending, case, cfg, bar)
+    finally:
+        for row, _ in pending:
+            if row["status"] == "ok" and row["median_s"] is None:
+                row.update(status="interrupted", reason="interrupted before it was timed")
+        if bar is not None:
+            bar.update(len(pending))
+        fill_derived(rows)
+        _write(doc, results_path)
+
+
+def _prepare_row(method: Method, case: Case, cfg: BenchConfig, tensors: dict, verdicts: dict, doc: dict,
+                 free: int | None) -> tuple[dict, Prepared | None]:
     row = {"level": case.level, "mode": case.mode, "seq_len": case.seq_len, "method": method.name,
            "status": "ok", "reason": "", "resolved": None, "median_s": None, "iqr_s": None, "samples": None,
            "calls_per_sample": None, "timer": None, "peak_bytes": None, "qkv_bytes": case.qkv_bytes(),
@@ -306,7 +368,7 @@ def _run_one(method: Method, case: Case, cfg: BenchConfig, tensors: dict, verdic
         reasons = [f"availability check failed: {_short(exc)}"]
     if reasons:
         row.update(status="skipped", reason="; ".join(reasons))
-        return row
+        return row, None
     try:
         if method.resolve is not None:
             row["resolved"] = method.resolve(case)
@@ -317,12 +379,12 @@ def _run_one(method: Method, case: Case, cfg: BenchConfig, tensors: dict, verdic
         row["flops"] = case_flops(case, relative) if relative is not None else None
     except Exception as exc:  # noqa: BLE001
         row.update(status="error", reason=_short(exc))
-        return row
+        return row, None
     need = estimate_bytes(case, score_memory)
     if free is not None and need > cfg.mem_fraction * free:
         row.update(status="skipped", reason=f"would not fit: estimated {need / 2**30:.1f} GiB, "
                                             f"{free / 2**30:.1f} GiB free")
-        return row
+        return row, None
 
     key = (method.name, case.mode)
     if key not in verdicts:
@@ -335,19 +397,18 @@ def _run_one(method: Method, case: Case, cfg: BenchConfig, tensors: dict, verdic
     row.update(check_error=verdict.error, check_tol=verdict.tol)
     if not verdict.ok:
         row.update(status=verdict.status, reason=f"correctness check: {verdict.detail}")
-        return row
+        return row, None
     try:
-        row.update(_measure(method, case, cfg, tensors))
-    except KeyboardInterrupt:
-        raise
+        prepared = _prepare_timed(method, case, cfg, tensors)
     except Exception as exc:  # noqa: BLE001 - a failure is a missing value with its error text
         row.update(status="error", reason=_short(exc))
         del exc
         gc.collect()  # the traceback's frames may hold the case's tensors in a cycle
-    finally:
         if case.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    return row
+        return row, None
+    row["peak_bytes"] = prepared.peak_bytes
+    return row, prepared
 
 
 def _write(doc: dict, path: Path | None) -> None:

@@ -1,11 +1,10 @@
 """Wall-clock timing: median and interquartile range of one call.
 
 CPU (and CUDA without triton): ``torch.utils.benchmark.Timer`` with ``num_threads`` set on purpose
-(it runs one thread otherwise). Each sample is one block of ``number`` calls, with ``number``
-chosen so a block lasts at least ``BLOCK_S``; samples are taken until both ``min_reps`` samples
-and ``min_time`` seconds are reached (or ``max_time`` with at least 3 samples). With a
-``before_each`` hook (decode with a KV cache) every sample is exactly one call, after the hook ran
-as the Timer's untimed setup. CUDA with triton: ``triton.testing.do_bench`` quantiles.
+(it runs one thread otherwise). Each sample is one block of calls lasting at least ``BLOCK_S``; a
+method is sampled until it has ``min_reps`` samples and ``min_time`` seconds of them (or
+``max_time`` seconds and at least 3 samples). The methods of one case are sampled in turn
+(:func:`interleaved`). CUDA with triton: ``triton.testing.do_bench`` quantiles, one method at a time.
 """
 
 from __future__ import annotations
@@ -36,6 +35,66 @@ def summarize(samples: list[float]) -> tuple[float, float]:
     return q2, q3 - q1
 
 
+class Sampler:
+    """One method's timer: each call takes one sample and returns the per-call time of its block.
+
+    A block is ``number`` calls, with ``number`` chosen from ``estimate_s`` (one warm call's time)
+    so that a block lasts at least ``BLOCK_S``. With ``before_each`` (decode with a KV cache) a
+    block is exactly one call, and the hook runs first as the Timer's untimed ``setup``.
+    """
+
+    def __init__(self, fn: Callable[[], object], *, threads: int, estimate_s: float,
+                 before_each: Callable[[], object] | None = None):
+        from torch.utils.benchmark import Timer
+
+        glob = {"fn": fn, "before": before_each or (lambda: None)}
+        self.timer = Timer(stmt="fn()", setup="before()" if before_each else "pass", globals=glob,
+                           num_threads=threads)
+        self.number = 1 if before_each else max(1, int(BLOCK_S / max(estimate_s, 1e-9)))
+        self.samples: list[float] = []
+        self.spent_s = 0.0
+        self.label = f"torch.utils.benchmark.Timer(num_threads={threads})"
+
+    def __call__(self) -> float:
+        per_call = self.timer.timeit(self.number).median  # mean over the block
+        self.samples.append(per_call)
+        self.spent_s += per_call * self.number
+        return per_call
+
+    def done(self, min_time: float, min_reps: int, max_time: float) -> bool:
+        n = len(self.samples)
+        return (n >= min_reps and self.spent_s >= min_time) or (n >= 3 and self.spent_s >= max_time)
+
+    def timing(self) -> Timing:
+        median, iqr = summarize(self.samples)
+        return Timing(median, iqr, len(self.samples), self.number, self.label)
+
+
+def interleaved(samplers: list[Sampler], *, min_time: float, min_reps: int, max_time: float,
+                on_error: Callable[[int, Exception], None], on_round: Callable[[int], None] | None = None) -> None:
+    """Sample every sampler in turn, round after round, until each is done.
+
+    Round-robin puts every method of a case in the same stretch of wall-clock time, so a burst of
+    load from another process lands on all of them and their ratios keep their meaning. A sampler
+    that raises is reported through ``on_error`` and dropped.
+    """
+    active = list(range(len(samplers)))
+    rounds = 0
+    while active:
+        for i in list(active):
+            try:
+                samplers[i]()
+            except Exception as exc:  # noqa: BLE001 - reported by the caller as the method's error
+                on_error(i, exc)
+                active.remove(i)
+                continue
+            if samplers[i].done(min_time, min_reps, max_time):
+                active.remove(i)
+        rounds += 1
+        if on_round is not None:
+            on_round(rounds)
+
+
 def time_call(
     fn: Callable[[], object],
     *,
@@ -47,29 +106,22 @@ def time_call(
     before_each: Callable[[], object] | None = None,
     estimate_s: float | None = None,
 ) -> Timing:
-    """Time ``fn``; ``estimate_s`` (one warm call's time, if known) sizes the blocks without a
-    calibration call."""
-    if device.startswith("cuda") and before_each is None and importlib.util.find_spec("triton") is not None:
+    """Time one ``fn`` alone: ``triton.testing.do_bench`` on CUDA when triton is installed (and no
+    ``before_each``), else a :class:`Sampler` until done."""
+    if uses_do_bench(device, before_each):
         return _do_bench(fn, min_time)
-    from torch.utils.benchmark import Timer
+    if estimate_s is None:
+        start = time.perf_counter()
+        fn()
+        estimate_s = time.perf_counter() - start
+    sampler = Sampler(fn, threads=threads, estimate_s=estimate_s, before_each=before_each)
+    while not sampler.done(min_time, min_reps, max_time):
+        sampler()
+    return sampler.timing()
 
-    glob = {"fn": fn, "before": before_each or (lambda: None)}
-    timer = Timer(stmt="fn()", setup="before()" if before_each else "pass", globals=glob, num_threads=threads)
-    number = 1
-    if before_each is None:
-        first = estimate_s if estimate_s is not None else timer.timeit(1).median
-        number = max(1, int(BLOCK_S / max(first, 1e-9)))
-    samples: list[float] = []
-    start = time.perf_counter()
-    while True:
-        samples.append(timer.timeit(number).median)  # per-call mean over the block
-        elapsed = time.perf_counter() - start
-        if len(samples) >= min_reps and elapsed >= min_time:
-            break
-        if len(samples) >= 3 and elapsed >= max_time:
-            break
-    median, iqr = summarize(samples)
-    return Timing(median, iqr, len(samples), number, f"torch.utils.benchmark.Timer(num_threads={threads})")
+
+def uses_do_bench(device: str, before_each=None) -> bool:
+    return device.startswith("cuda") and before_each is None and importlib.util.find_spec("triton") is not None
 
 
 def _do_bench(fn, min_time: float) -> Timing:
