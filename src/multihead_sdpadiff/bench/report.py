@@ -12,8 +12,14 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+#: Timing rows during which other processes used more than this share of the CPUs get a ``*``.
+BUSY_SHARE = 0.05
+
+
 def _cells(r: dict) -> list[str]:
     name = r["method"] + (f" ({r['resolved']})" if r.get("resolved") else "")
+    if (r.get("foreign_cpu") or 0) > BUSY_SHARE:
+        name += " *"
     ms = None if r["median_s"] is None else r["median_s"] * 1e3
     iqr = None if r["iqr_s"] is None else r["iqr_s"] * 1e3
     mib = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
@@ -47,6 +53,11 @@ def format_report(doc: dict) -> str:
         shown = [r for r in rows if r["mode"] == mode and r["status"] != "skipped"]
         out += ["", f"[{mode}]"]
         out += _table(shown) if shown else ["(nothing ran)"]
+    busy = [r for r in rows if (r.get("foreign_cpu") or 0) > BUSY_SHARE]
+    if busy:
+        worst = max(r["foreign_cpu"] for r in busy)
+        out += ["", f"* other processes used more than {BUSY_SHARE:.0%} of the CPUs while these were timed "
+                    f"(up to {worst:.0%}): their times are inflated; rerun on a quiet machine"]
     notes = _notes(rows)
     if notes:
         out += ["", "not timed (status, cases, reason):"] + notes

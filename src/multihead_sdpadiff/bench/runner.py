@@ -30,7 +30,7 @@ import multihead_sdpadiff as msd
 from .cases import STANDARD, Case, Method, case_flops, make_tensors
 from .guard import Verdict, check_method
 from .memory import available_bytes, estimate_bytes, peak_growth_bytes
-from .timing import Sampler, interleaved, time_call, uses_do_bench
+from .timing import ForeignCPU, Sampler, interleaved, time_call, uses_do_bench
 
 SCHEMA = "sdpadiff-bench/1"
 
@@ -238,6 +238,7 @@ def _time_group(pending: list[tuple[dict, Prepared]], case: Case, cfg: BenchConf
                 row.update(status="error", reason=_short(exc))
         return
     samplers = [Sampler(p.fn, threads=cfg.threads, estimate_s=p.warm_s, before_each=p.before) for _, p in pending]
+    others = ForeignCPU()
 
     def on_error(i: int, exc: Exception) -> None:
         pending[i][0].update(status="error", reason=_short(exc))
@@ -249,9 +250,10 @@ def _time_group(pending: list[tuple[dict, Prepared]], case: Case, cfg: BenchConf
     try:
         interleaved(samplers, on_error=on_error, on_round=on_round, **limits)
     finally:  # after Ctrl-C too: whatever was sampled is kept
+        foreign = others.share()
         for (row, _), sampler in zip(pending, samplers, strict=True):
             if row["status"] == "ok" and sampler.samples:
-                row.update(_timing_fields(sampler.timing()))
+                row.update(_timing_fields(sampler.timing()), foreign_cpu=foreign)
 
 
 def _timing_fields(t) -> dict:
@@ -361,7 +363,7 @@ def _prepare_row(method: Method, case: Case, cfg: BenchConfig, tensors: dict, ve
     row = {"level": case.level, "mode": case.mode, "seq_len": case.seq_len, "method": method.name,
            "status": "ok", "reason": "", "resolved": None, "median_s": None, "iqr_s": None, "samples": None,
            "calls_per_sample": None, "timer": None, "peak_bytes": None, "qkv_bytes": case.qkv_bytes(),
-           "flops": None, "check_error": None, "check_tol": None}
+           "flops": None, "check_error": None, "check_tol": None, "foreign_cpu": None}
     try:
         reasons = method.unavailable(case)
     except Exception as exc:  # noqa: BLE001

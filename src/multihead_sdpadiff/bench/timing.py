@@ -10,6 +10,7 @@ method is sampled until it has ``min_reps`` samples and ``min_time`` seconds of 
 from __future__ import annotations
 
 import importlib.util
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -118,6 +119,39 @@ def time_call(
     while not sampler.done(min_time, min_reps, max_time):
         sampler()
     return sampler.timing()
+
+
+class ForeignCPU:
+    """How busy the machine's CPUs were with *other* processes over a stretch of time (Linux).
+
+    ``share()`` is (all CPU time used on the machine − this process's CPU time) / (wall time ×
+    CPUs), from ``/proc/stat`` and ``os.times()``: 0 on an idle machine, 0.5 when another
+    process kept one of two cores busy. None where /proc/stat is unreadable.
+    """
+
+    def __init__(self):
+        self._start = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / tick  # all but idle and iowait
+        own = os.times()
+        return time.perf_counter(), busy, own.user + own.system
+
+    def share(self) -> float | None:
+        end = self._read()
+        if self._start is None or end is None:
+            return None
+        wall = end[0] - self._start[0]
+        foreign = (end[1] - self._start[1]) - (end[2] - self._start[2])
+        cpus = os.cpu_count() or 1
+        return max(0.0, foreign / (wall * cpus)) if wall > 0 else None
 
 
 def uses_do_bench(device: str, before_each=None) -> bool:
