@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -498,6 +499,9 @@ def _hf_module_method() -> Method:
         module, config = _hf_attention(case)
         module.load_state_dict(_hf_weights(case, t["weights"]))
         masks = {}
+        # transformers 5 renamed past_key_values to cache; accept either spelling.
+        mask_cache_kw = _cache_kwarg(create_causal_mask)
+        forward_cache_kw = _cache_kwarg(type(module).forward)
 
         def inputs(x, cache):
             # Identity rotary (cos 1, sin 0) keeps the output comparable with ours, which runs
@@ -506,8 +510,8 @@ def _hf_module_method() -> Method:
             past = 0 if cache is None else cache.get_seq_length()
             pos = torch.arange(past, past + x.shape[1], device=x.device)[None]
             cos = torch.ones(x.shape[0], x.shape[1], case.head_dim, device=x.device, dtype=x.dtype)
-            mask = create_causal_mask(config=config, inputs_embeds=x, attention_mask=None, cache=cache,
-                                      position_ids=pos)
+            mask = create_causal_mask(config=config, inputs_embeds=x, attention_mask=None,
+                                      position_ids=pos, **{mask_cache_kw: cache})
             return (cos, torch.zeros_like(cos)), mask
 
         def step(m, x, box):
@@ -517,13 +521,18 @@ def _hf_module_method() -> Method:
             if key not in masks:
                 masks[key] = inputs(x, cache)
             pe, mask = masks[key]
-            return m(x, position_embeddings=pe, attention_mask=mask, cache=cache)[0]
+            return m(x, position_embeddings=pe, attention_mask=mask, **{forward_cache_kw: cache})[0]
 
         return _module_state(case, t, module, step, lambda: _FreshCache(lambda: DynamicCache(config=config)))
 
     return Method(PEER, "peer",
                   "transformers DiffLlamaAttention (SDPA, two calls, V split across heads), identity RoPE",
                   2.0, "O(N)", lambda case: _hf_reasons(), prepare, _run_module)
+
+
+def _cache_kwarg(fn) -> str:
+    params = inspect.signature(fn).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 class _FreshCache:
