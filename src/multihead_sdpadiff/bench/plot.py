@@ -6,10 +6,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+# (file name, y label, value of a row, log base of the y axis)
 PLOTS = (
-    ("time", "median time per call (ms)", lambda r: r["median_s"] * 1e3, True),
-    ("ratio", "time / standard (same run)", lambda r: r["ratio"], False),
-    ("memory", "peak memory growth (MiB)", lambda r: r["peak_bytes"] / 2**20, True),
+    ("time", "median time per call (ms)", lambda r: r["median_s"] * 1e3, 10),
+    ("ratio", "time / standard (same run)", lambda r: r["ratio"], 2),
+    ("memory", "peak memory growth (MiB)", lambda r: r["peak_bytes"] / 2**20, 10),
 )
 
 
@@ -35,7 +36,9 @@ def plot_results(doc: dict, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, ylabel, value, logy in PLOTS:
+    from matplotlib.ticker import ScalarFormatter
+
+    for name, ylabel, value, log_base in PLOTS:
         fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.4), squeeze=False)
         for ax, mode in zip(axes[0], modes, strict=True):
             for i, method in enumerate(methods):
@@ -47,8 +50,9 @@ def plot_results(doc: dict, out_dir: str | Path) -> list[Path]:
                 style = {"color": "black", "linestyle": "--"} if method == "standard" else {"color": f"C{i}"}
                 ax.plot(xs, ys, marker="o", markersize=3, label=method, **style)
             ax.set_xscale("log", base=2)
-            if logy:
-                ax.set_yscale("log")
+            ax.set_yscale("log", base=log_base)
+            if log_base == 2:  # ratios read better as 1, 2, 4 than as 2^0, 2^1, 2^2
+                ax.yaxis.set_major_formatter(ScalarFormatter())
             ax.set_title(mode, fontsize=9)
             ax.set_xlabel("sequence length N", fontsize=8)
             ax.set_ylabel(ylabel, fontsize=8)
