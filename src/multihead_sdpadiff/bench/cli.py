@@ -1,0 +1,181 @@
+"""``sdpadiff bench``: time every differential-attention strategy against standard attention.
+
+See docs/benchmarks.md for what the columns mean and how time, FLOPs and memory are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+#: Sweep presets: (device type, full?) -> settings. The quick CPU preset finishes in well under two
+#: minutes on 2 cores; --full is the sweep behind docs/benchmarks.md's longer runs.
+PRESETS = {
+    ("cpu", False): {"dtype": "float32", "seq_lens": (512, 1024, 2048), "modes": ("fwd", "fwd_bwd"),
+                     "min_time": 0.2, "min_reps": 5, "max_time": 1.5},
+    ("cpu", True): {"dtype": "float32", "seq_lens": (256, 512, 1024, 2048, 4096, 8192),
+                    "modes": ("fwd", "fwd_bwd", "decode"), "min_time": 1.0, "min_reps": 10, "max_time": 10.0},
+    ("cuda", False): {"dtype": "bfloat16", "seq_lens": (1024, 2048, 4096), "modes": ("fwd", "fwd_bwd"),
+                      "min_time": 0.2, "min_reps": 5, "max_time": 1.5},
+    ("cuda", True): {"dtype": "bfloat16", "seq_lens": (1024, 2048, 4096, 8192, 16384),
+                     "modes": ("fwd", "fwd_bwd", "decode"), "min_time": 1.0, "min_reps": 10, "max_time": 10.0},
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sdpadiff bench",
+        description="Time every strategy in multihead_sdpadiff.IMPLS (after checking it against the float64 "
+                    "reference) against standard causal attention of the same width and transformers' "
+                    "DiffLlamaAttention. Writes results.json and plots under --out. "
+                    "`sdpadiff bench plot FILE` redraws the plots (and the table) from a results file.",
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=None, metavar="N",
+                   help="key lengths N (default: 512 1024 2048 on cpu, more with --full)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--embed-dim", type=int, default=768)
+    p.add_argument("--num-heads", type=int, default=12, help="the baseline's heads (H = num_heads/2 differential heads)")
+    p.add_argument("--num-kv-heads", type=int, default=None, help="default: --num-heads (no GQA)")
+    p.add_argument("--modes", nargs="+", choices=("fwd", "fwd_bwd", "decode"), default=None,
+                   help="default: fwd fwd_bwd (plus decode with --full)")
+    p.add_argument("--impls", nargs="+", default=None, metavar="NAME",
+                   help="methods to run (default: all); 'standard' always runs, it is the ratio's floor")
+    p.add_argument("--level", choices=("op", "module"), default="op")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch threads for every timed call (default: torch.get_num_threads() = {torch.get_num_threads()})")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: bench-results/<timestamp>-<level>)")
+    p.add_argument("--full", action="store_true", help="the longer sweep: more lengths, decode, more samples")
+    g = p.add_argument_group("measurement (defaults from the preset)")
+    g.add_argument("--min-time", type=float, default=None, help="seconds of timing per case, at least")
+    g.add_argument("--min-reps", type=int, default=None, help="timing samples per case, at least")
+    g.add_argument("--max-time", type=float, default=None, help="stop sampling a slow case after this many seconds")
+    g.add_argument("--check-len", type=int, default=64, help="sequence length of the correctness check")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-plot", action="store_true", help="write results.json only")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from .runner import BenchConfig
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    preset = PRESETS[("cuda" if device.startswith("cuda") else "cpu", args.full)]
+    num_kv = args.num_kv_heads or args.num_heads
+    for name, value in (("--batch", args.batch), ("--embed-dim", args.embed_dim), ("--num-heads", args.num_heads),
+                        ("--num-kv-heads", num_kv), ("--check-len", args.check_len)):
+        if value <= 0:
+            parser.error(f"{name} must be positive, got {value}")
+    if args.num_heads % 2 or num_kv % 2 or args.num_heads % num_kv or args.embed_dim % args.num_heads:
+        parser.error("need even --num-heads and --num-kv-heads, num_kv_heads dividing num_heads, "
+                     "and --embed-dim divisible by --num-heads")
+    seq_lens = tuple(args.seq_lens or preset["seq_lens"])
+    if any(n < 2 for n in seq_lens):
+        parser.error("--seq-lens must be >= 2 (decode needs a prompt of N - 1 tokens)")
+    return BenchConfig(
+        level=args.level, device=device, dtype=_DTYPES[args.dtype or preset["dtype"]],
+        seq_lens=seq_lens, modes=tuple(dict.fromkeys(args.modes or preset["modes"])),
+        batch=args.batch, embed_dim=args.embed_dim, num_heads=args.num_heads, num_kv_heads=num_kv,
+        threads=args.threads or torch.get_num_threads(),
+        min_time=preset["min_time"] if args.min_time is None else args.min_time,
+        min_reps=preset["min_reps"] if args.min_reps is None else args.min_reps,
+        max_time=preset["max_time"] if args.max_time is None else args.max_time,
+        check_len=args.check_len, seed=args.seed,
+        preset=("full" if args.full else "quick") + ("+custom" if _customised(args) else ""),
+    )
+
+
+def _customised(args: argparse.Namespace) -> bool:
+    return any(getattr(args, a) is not None for a in ("seq_lens", "modes", "dtype", "impls", "min_time",
+                                                      "min_reps", "max_time"))
+
+
+def _out_dir(args: argparse.Namespace, level: str) -> Path:
+    if args.out is not None:
+        return args.out
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("bench-results") / f"{stamp}-{level}"
+    out, i = base, 1
+    while out.exists():
+        out, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return out
+
+
+def _plot(doc: dict, out_dir: Path) -> None:
+    from .plot import have_matplotlib, plot_results
+
+    if not have_matplotlib():
+        print("plots: skipped, matplotlib is not installed (pip install matplotlib)")
+        return
+    for path in plot_results(doc, out_dir):
+        print(f"plot: {path}")
+
+
+def _plot_command(argv: list[str]) -> int:
+    from .report import format_report
+    from .runner import load_results
+
+    p = argparse.ArgumentParser(prog="sdpadiff bench plot",
+                                description="Redraw the plots and the table from a results file.")
+    p.add_argument("file", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: the file's folder)")
+    args = p.parse_args(argv)
+    try:
+        doc = load_results(args.file)
+    except (OSError, ValueError) as exc:
+        print(f"sdpadiff bench plot: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(doc))
+    _plot(doc, args.out or args.file.parent)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    argv = list(argv)
+    if argv and argv[0] == "plot":
+        return _plot_command(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    cfg = _config(args, parser)
+
+    from .cases import STANDARD, build_methods
+    from .report import format_report
+    from .runner import run_sweep
+
+    methods = build_methods(cfg.level)
+    if args.impls:
+        known = [m.name for m in methods]
+        unknown = [n for n in args.impls if n not in known]
+        if unknown:
+            parser.error(f"unknown --impls {unknown}; known here: {known}")
+        wanted = {STANDARD, *args.impls}
+        methods = [m for m in methods if m.name in wanted]
+
+    out_dir = _out_dir(args, cfg.level)
+    results = out_dir / "results.json"
+    print(f"sdpadiff bench: {len(cfg.modes)} modes x {len(cfg.seq_lens)} lengths x {len(methods)} methods "
+          f"({', '.join(m.name for m in methods)}); {cfg.threads} threads; results -> {results}", flush=True)
+    doc = run_sweep(cfg, methods, results_path=results, command_line="sdpadiff bench " + shlex.join(argv),
+                    progress=not args.no_progress)
+    print(format_report(doc))
+    print(f"results: {results}")
+    if not args.no_plot:
+        try:
+            _plot(doc, out_dir)
+        except Exception as exc:  # noqa: BLE001 - the results file is written; a plot failure must not hide it
+            print(f"plots failed: {type(exc).__name__}: {exc} (retry with: sdpadiff bench plot {results})")
+    if doc["interrupted"]:
+        return 130
+    return 1 if any(r["status"] == "wrong" for r in doc["results"]) else 0

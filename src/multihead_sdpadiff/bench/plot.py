@@ -1,0 +1,80 @@
+"""Plots drawn from a results file, never from live numbers: time, ratio to standard, peak memory,
+each against sequence length, one panel per mode. matplotlib is optional and imported here only."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+# (file name, y label, value of a row, log base of the y axis)
+PLOTS = (
+    ("time", "median time per call (ms)", lambda r: r["median_s"] * 1e3, 10),
+    ("ratio", "time / standard (same run)", lambda r: r["ratio"], 2),
+    ("memory", "peak memory growth (MiB)", lambda r: r["peak_bytes"] / 2**20, 10),
+)
+
+
+def have_matplotlib() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def plot_results(doc: dict, out_dir: str | Path) -> list[Path]:
+    """Write ``time.png``, ``ratio.png`` and ``memory.png`` into ``out_dir``; returns their paths."""
+    if not have_matplotlib():
+        raise RuntimeError("plotting needs matplotlib (pip install matplotlib)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc["results"] if r["status"] == "ok"]
+    modes = list(dict.fromkeys(r["mode"] for r in doc["results"])) or ["fwd"]
+    methods = list(dict.fromkeys(r["method"] for r in doc["results"]))
+    env, cfg = doc["env"], doc["config"]
+    title = (f"{cfg['level']} level, {env['device_name']}, {env['dtype']}, {env['threads']} threads, "
+             f"B={cfg['batch']} E={cfg['embed_dim']} heads={cfg['num_heads']}/{cfg['num_kv_heads']}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    from matplotlib.ticker import ScalarFormatter
+
+    for name, ylabel, value, log_base in PLOTS:
+        fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.4), squeeze=False)
+        for ax, mode in zip(axes[0], modes, strict=True):
+            for i, method in enumerate(methods):
+                pts = sorted((r["seq_len"], value(r)) for r in rows
+                             if r["mode"] == mode and r["method"] == method and _has(r, name))
+                if not pts:
+                    continue
+                xs, ys = zip(*pts, strict=True)
+                style = {"color": "black", "linestyle": "--"} if method == "standard" else {"color": f"C{i}"}
+                ax.plot(xs, ys, marker="o", markersize=3, label=method, **style)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=log_base)
+            if log_base == 2:  # ratios read better as 1, 2, 4 than as 2^0, 2^1, 2^2
+                ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.set_title(mode, fontsize=9)
+            ax.set_xlabel("sequence length N", fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(True, which="both", alpha=0.3)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        for ax in axes[0][1:]:
+            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+        if handles:
+            fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+        fig.suptitle(title, fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _has(r: dict, name: str) -> bool:
+    key = {"time": "median_s", "ratio": "ratio", "memory": "peak_bytes"}[name]
+    return r.get(key) is not None
