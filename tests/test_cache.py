@@ -160,3 +160,25 @@ def test_cache_errors():
         m(torch.randn(1, 2, 64), cache={})
     with pytest.raises(ValueError, match="position_ids must be"):
         m(torch.randn(1, 2, 64), position_ids=torch.arange(3)[None])
+
+
+def test_a_refused_call_leaves_the_cache_unchanged():
+    m, x, rel_pos = _setup(False, True)
+    cache = KVCache()
+    with torch.no_grad():
+        m(x[:, :3], rel_pos=rel_pos, cache=cache)
+        with pytest.raises(ValueError, match="key length 4"):
+            m(x[:, 3:4], rel_pos=rel_pos, attn_mask=torch.ones(2, 1, 1, 3, dtype=torch.bool), cache=cache)
+    assert len(cache) == 3
+
+
+def test_reset_drops_the_graph_and_frozen_kv_still_backpropagates():
+    m, x, rel_pos = _setup(True, True, length=6)
+    for p in (*m.k_proj.parameters(), *m.v_proj.parameters()):
+        p.requires_grad_(False)  # only q's side trains, as with adapters on q
+    cache = KVCache(16, 2)
+    for _ in range(2):
+        y = _run_in_pieces(m, x, rel_pos, cache, [3, 1, 1, 1])
+        y.sum().backward()  # in-place writes would have clobbered keys saved for backward
+        cache.reset()
+    assert m.q_proj.weight.grad is not None

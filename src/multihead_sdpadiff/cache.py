@@ -25,9 +25,9 @@ class KVCache:
 
     ``len(cache)`` is the number of cached positions; :meth:`reset` empties the cache for reuse.
 
-    Gradients: with autograd recording and inputs that require grad, writes are out of place, so
-    gradients flow through every cached step (memory then grows with each step, as autograd must
-    keep each version). Without grad, writes are in place.
+    Writes are in place under ``torch.no_grad()`` or ``torch.inference_mode()`` (use one of them to
+    decode). While autograd records, writes are out of place, so gradients flow through every
+    cached step; each step then copies the cache, and autograd keeps every version.
     """
 
     def __init__(
@@ -75,6 +75,8 @@ class KVCache:
         self._len = 0
         if not self.is_static:
             self._k = self._v = None
+        elif self._k is not None and self._k.grad_fn is not None:
+            self._k, self._v = self._k.detach(), self._v.detach()  # drop the last pass's graph
 
     def keys(self) -> torch.Tensor:
         """The cached keys, ``(B, 2Hkv, len, d)`` (a view)."""
@@ -120,10 +122,9 @@ class KVCache:
         if self._k is None:
             capacity = self.max_len if self.is_static else max(new_len, 16)
             self._allocate(k.shape[0], k.shape[1], k.shape[3], v.shape[1], v.shape[3], capacity, k.device, k.dtype)
-        differentiable = torch.is_grad_enabled() and (
-            k.requires_grad or v.requires_grad or self._k.requires_grad or self._v.requires_grad
-        )
-        if differentiable:
+        # While autograd records, an in-place write could overwrite keys that an earlier step saved
+        # for its backward (even when only q requires grad), so writes are out of place.
+        if torch.is_grad_enabled():
             # Out of place, so that autograd keeps every version it needs.
             if self.is_static:
                 idx = torch.arange(self._len, new_len, device=k.device)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .cache import KVCache
+from .masks import prepare_mask
 from .ops import IMPLS, diff_attention
 from .rotary import apply_rotary_emb
 
@@ -75,7 +76,7 @@ def check_position_ids(position_ids, batch: int, length: int):
     return position_ids
 
 
-def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width: int):
+def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width: int, attn_mask=None):
     """The front half shared by the differential layers: input checks, projections, RoPE, cache.
 
     ``module`` has ``q_proj`` (2H maps of width ``head_dim``), ``k_proj`` (``k_maps`` maps),
@@ -105,6 +106,10 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
 
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, width)
     if cache is not None:
+        if attn_mask is not None:
+            # Refuse a bad mask before anything is written, so that a failed call leaves the cache as it was.
+            prepare_mask(attn_mask, is_causal=False, batch=b, heads=module.num_heads, lq=length,
+                         lk=past + length, dtype=q.dtype, device=q.device)
         k, v = cache.update(k, v)  # the whole cached length
     return q, k, v
 
@@ -246,7 +251,7 @@ class MultiheadDiffAttn(nn.Module):
         Returns ``(B, L, embed_dim)``.
         """
         q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=2 * self.num_kv_heads,
-                              v_width=2 * self.head_dim)  # (B, 2H, L, d), (B, 2Hkv, Lk, d), (B, Hkv, Lk, 2d)
+                              v_width=2 * self.head_dim, attn_mask=attn_mask)  # (B, 2H, L, d), (B, 2Hkv, Lk, d), (B, Hkv, Lk, 2d)
         b, length = x.shape[:2]
         out = diff_attention(
             q, k, v, self.lambda_full(), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling, impl=self.impl

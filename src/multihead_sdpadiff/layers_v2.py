@@ -133,7 +133,7 @@ class MultiheadDiffAttnV2(nn.Module):
         Returns ``(B, L, embed_dim)``.
         """
         q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads,
-                              v_width=self.head_dim)  # (B, 2H, L, d), (B, Hkv, Lk, d) each
+                              v_width=self.head_dim, attn_mask=attn_mask)  # (B, 2H, L, d), (B, Hkv, Lk, d) each
         b, length = x.shape[:2]
         out = diff_attention_v2(
             q, k, v, self.lambda_full(x), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling,

@@ -102,6 +102,7 @@ def prepare_mask(
     lq: int,
     lk: int,
     dtype: torch.dtype,
+    device: torch.device | None = None,
     name: str = "attn_mask",
 ) -> AttentionMask:
     """Validate ``attn_mask`` against ``(batch, heads, lq, lk)`` and return an :class:`AttentionMask`.
@@ -120,9 +121,11 @@ def prepare_mask(
             f"{name} must be bool (True = may attend) or floating (added to the scores), "
             f"got dtype {attn_mask.dtype}"
         )
+    if device is not None and attn_mask.device != device:
+        raise ValueError(f"{name} must be on the queries' device {device}, got {attn_mask.device}")
     target = (batch, heads, lq, lk)
     if not 1 <= attn_mask.dim() <= 4:
-        raise ValueError(f"{name} must have 2 to 4 dims broadcastable to (B, H, Lq, Lk)={target}, "
+        raise ValueError(f"{name} must have 1 to 4 dims broadcastable to (B, H, Lq, Lk)={target}, "
                          f"got shape {tuple(attn_mask.shape)}")
     m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if any(s not in (1, t) for s, t in zip(m.shape, target, strict=True)):

@@ -51,3 +51,15 @@ def test_low_precision_gradients(dtype):
     assert out.dtype == dtype
     out.float().square().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == t.dtype and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_a_learnable_mask_is_refused_not_silently_frozen():
+    from multihead_sdpadiff import choose_impl, diff_attention
+
+    q, k, v = torch.randn(1, 4, 32, 8), torch.randn(1, 4, 32, 8), torch.randn(1, 2, 32, 16)
+    bias = torch.zeros(1, 2, 32, 32, requires_grad=True)
+    with pytest.raises(ValueError, match="gives the mask no gradient"):
+        diff_attention(q, k, v, 0.5, attn_mask=bias, impl="chunked")
+    assert choose_impl(q, k, v, 0.5, attn_mask=bias)[0] != "chunked"
+    diff_attention(q, k, v, 0.5, attn_mask=bias).sum().backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0

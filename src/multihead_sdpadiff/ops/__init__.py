@@ -42,9 +42,18 @@ register(Strategy("sdpa_paired", _sdpa.sdpa_paired,
                   "original 4: one SDPA call over 2H maps, v repeated to width 2d", flops=1.5,
                   score_memory="O(N)", dtypes=_FLOAT,
                   notes="On CPU, q and k are zero-padded to 2d as for sdpa_2pass."))
+def _mask_needs_no_grad(inputs: OpInputs) -> list[str]:
+    m = inputs.mask.tensor
+    if m is not None and m.requires_grad and torch.is_grad_enabled():
+        return ["attn_mask requires grad and this strategy gives the mask no gradient "
+                "(use reference or an sdpa_* strategy for a learnable bias)"]
+    return []
+
+
 register(Strategy("chunked", _chunked.chunked,
                   "exact, one query block at a time: both softmaxes, A1 - lam*A2, one product with v",
                   flops=1.0, score_memory="O(block*N)", dtypes=_FLOAT, compilable=False,
+                  check=_mask_needs_no_grad,
                   notes="Block size: SDPADIFF_CHUNK rows if set, else ~2M score elements per map."))
 
 
@@ -55,7 +64,8 @@ def _run_triton(q, k, v, lam, mask, scale):
 register(Strategy("triton", _run_triton,
                   "fused Triton kernel: two online softmaxes, each K/V tile read once, forward and backward",
                   flops=1.5, score_memory="O(N)", compilable=False,
-                  check=lambda i: _triton_fused.triton_not_supported_reasons(i.q, i.k, i.v, i.lam, i.mask.tensor, i.mask.causal),
+                  check=lambda i: _mask_needs_no_grad(i) + _triton_fused.triton_not_supported_reasons(
+                      i.q, i.k, i.v, i.lam, i.mask.tensor, i.mask.causal),
                   notes="NVIDIA GPUs of compute capability >= 8.0 with the triton extra; on CPU only under "
                         "TRITON_INTERPRET=1 (slow, for tests). Head dims 16, 32, 64, 128."))
 
@@ -69,7 +79,8 @@ IMPLS: tuple[str, ...] = REGISTRY.names()
 REGISTRY.rules = AUTO_RULES = (
     AutoRule("sdpa_4pass", "CPU decode step (Lq <= 16): flash SDPA calls, no block loop", device="cpu", max_lq=16),
     AutoRule("chunked", "CPU: exact at the FLOPs of standard attention, fastest measured", device="cpu"),
-    AutoRule("sdpa_4pass", "CPU under torch.compile (chunked cannot be traced): flash SDPA calls", device="cpu"),
+    AutoRule("sdpa_4pass", "CPU where chunked refuses (under torch.compile, or a mask that needs a gradient): "
+             "flash SDPA calls", device="cpu"),
     AutoRule("triton", "CUDA: one fused kernel at 1.5x FLOPs, O(N) memory", device="cuda"),
     AutoRule("sdpa_2pass", "CUDA without triton: 1.5x FLOPs on fused SDPA kernels, O(N) memory", device="cuda"),
     AutoRule("chunked", "other devices: plain matmul and softmax, O(block * N) memory"),
@@ -103,7 +114,7 @@ def _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale) -> OpInputs:
         lam = torch.full((h,), float(lambda_full), device=q.device, dtype=work)
 
     scale = check_scale(scale, d)
-    mask = prepare_mask(attn_mask, is_causal=is_causal, batch=b, heads=h, lq=lq, lk=lk, dtype=q.dtype)
+    mask = prepare_mask(attn_mask, is_causal=is_causal, batch=b, heads=h, lq=lq, lk=lk, dtype=q.dtype, device=q.device)
     return OpInputs(q, k, v, lam, mask, scale)
 
 

@@ -31,7 +31,9 @@ def block_size(b: int, h: int, lk: int, device: torch.device) -> int:
     """Query rows per block: ``SDPADIFF_CHUNK`` if set, else sized to ~2M score elements per map."""
     env = os.environ.get("SDPADIFF_CHUNK")
     if env:
-        return max(1, int(env))
+        if not env.isdigit() or int(env) == 0:
+            raise ValueError(f"SDPADIFF_CHUNK must be a positive integer (query rows per block), got {env!r}")
+        return int(env)
     target = _SCORE_ELEMENTS * (4 if device.type == "cuda" else 1)
     rows = target // max(1, b * h * lk)
     return int(max(16, min(1024, 1 << max(4, rows.bit_length() - 1))))

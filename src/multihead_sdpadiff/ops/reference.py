@@ -14,6 +14,8 @@ from ..masks import AttentionMask
 
 def softmax_or_zero(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim; rows whose every entry is -inf give zeros (and zero gradients)."""
+    if scores.shape[-1] == 0:
+        return scores
     dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
     return torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
 

@@ -101,7 +101,7 @@ def _prepare(q, k, v, lam, attn_mask, is_causal, scale) -> OpInputs:
         lam = torch.full((1, 1, 1), float(lam), device=q.device, dtype=work).expand(b, h, lq)
 
     scale = check_scale(scale, d)
-    mask = prepare_mask(attn_mask, is_causal=is_causal, batch=b, heads=h, lq=lq, lk=lk, dtype=q.dtype)
+    mask = prepare_mask(attn_mask, is_causal=is_causal, batch=b, heads=h, lq=lq, lk=lk, dtype=q.dtype, device=q.device)
     return OpInputs(q, k, v, lam, mask, scale)
 
 
