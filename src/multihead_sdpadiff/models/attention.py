@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache
-from ..layers import MultiheadDiffAttn, check_position_ids, check_rel_pos
+from ..layers import MultiheadDiffAttn, project_qkv
 from ..masks import prepare_mask
 from ..ops.reference import diff_attention_maps, softmax_or_zero
 from ..rotary import apply_rotary_emb
@@ -91,23 +91,10 @@ class StandardAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=False, **kw)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=False, **kw)
 
-    def _qkv(self, x, rel_pos, position_ids, cache):
+    def _qkv(self, x, rel_pos, position_ids, cache, attn_mask=None):
         """q ``(B, H, L, d)`` and every key/value ``(B, Hkv, S, d)``, after RoPE and the cache."""
-        b, length, _ = x.shape
-        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        past = len(cache) if cache is not None else 0
-        position_ids = check_position_ids(position_ids, b, length)
-        q = self.q_proj(x).view(b, length, h, d)
-        k = self.k_proj(x).view(b, length, hkv, d)
-        v = self.v_proj(x).view(b, length, hkv, d)
-        if rel_pos is not None:
-            cos, sin = check_rel_pos(rel_pos, d, past + length if position_ids is None else None)
-            q = apply_rotary_emb(q, cos, sin, True, past, position_ids=position_ids)
-            k = apply_rotary_emb(k, cos, sin, True, past, position_ids=position_ids)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, d)
-        if cache is not None:
-            k, v = cache.update(k, v)  # (B, Hkv, past + L, d) each
-        return q, k, v
+        return project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads,
+                           v_width=self.head_dim, attn_mask=attn_mask)
 
     def forward(
         self,
@@ -119,10 +106,8 @@ class StandardAttention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """``x (B, L, E) -> (B, L, E)``; ``attn_mask`` broadcastable to ``(B, H, L, len(cache) + L)``."""
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must be (B, L, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
-        b, length, _ = x.shape
-        q, k, v = self._qkv(x, rel_pos, position_ids, cache)
+        q, k, v = self._qkv(x, rel_pos, position_ids, cache, attn_mask)
+        b, length = x.shape[:2]
         mask = prepare_mask(attn_mask, is_causal=self.causal, batch=b, heads=self.num_heads,
                             lq=length, lk=k.shape[2], dtype=q.dtype)
         sdpa_mask, is_causal = mask.sdpa_args(q.device)
