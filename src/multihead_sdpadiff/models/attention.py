@@ -1,7 +1,7 @@
 """The attention modules a :class:`~multihead_sdpadiff.DiffTransformer` can stack, and their maps.
 
 * ``"diff"``: :class:`~multihead_sdpadiff.MultiheadDiffAttn`.
-* ``"diff_v2"``: ``multihead_sdpadiff.MultiheadDiffAttnV2``, imported only when asked for.
+* ``"diff_v2"``: ``multihead_sdpadiff.MultiheadDiffAttnV2``.
 * ``"standard"``: :class:`StandardAttention`, the plain causal SDPA baseline of the paper's
   comparisons, with the same forward keywords and :class:`~multihead_sdpadiff.KVCache` support.
 
@@ -23,22 +23,10 @@ from ..masks import prepare_mask
 from ..ops.reference import diff_attention_maps, softmax_or_zero
 from ..rotary import apply_rotary_emb
 
-__all__ = ["ATTENTIONS", "LayerAttention", "StandardAttention", "attention_maps", "load_v2_class"]
+__all__ = ["ATTENTIONS", "LayerAttention", "StandardAttention", "attention_maps"]
 
 #: Names accepted by ``DiffTransformerConfig.attention``.
 ATTENTIONS: tuple[str, ...] = ("diff", "diff_v2", "standard")
-
-
-def load_v2_class() -> type[nn.Module]:
-    """``multihead_sdpadiff.MultiheadDiffAttnV2``, imported on first use (it ships separately)."""
-    try:
-        from .. import MultiheadDiffAttnV2
-    except ImportError as e:
-        raise ImportError(
-            "attention='diff_v2' needs multihead_sdpadiff.MultiheadDiffAttnV2, which this installation "
-            "of multihead_sdpadiff does not provide; use attention='diff' or 'standard'"
-        ) from e
-    return MultiheadDiffAttnV2
 
 
 class StandardAttention(nn.Module):

@@ -19,9 +19,10 @@ from torch import nn
 
 from ..cache import KVCache
 from ..layers import MultiheadDiffAttn, RMSNorm
+from ..layers_v2 import MultiheadDiffAttnV2
 from ..ops import IMPLS
 from ..rotary import RotaryEmbedding
-from .attention import ATTENTIONS, LayerAttention, StandardAttention, attention_maps, load_v2_class
+from .attention import ATTENTIONS, LayerAttention, StandardAttention, attention_maps
 
 __all__ = ["CausalLMOutput", "DiffTransformer", "DiffTransformerConfig", "SwiGLU"]
 
@@ -163,9 +164,7 @@ def _make_attention(config: DiffTransformerConfig, depth: int, **kw) -> nn.Modul
                                  norm_eps=config.norm_eps, **kw)
     if config.attention == "standard":
         return StandardAttention(config.embed_dim, config.num_heads, config.kv_heads, **kw)
-    cls = load_v2_class()
-    module = cls(config.embed_dim, config.num_heads, config.kv_heads, impl=config.impl)
-    return module.to(**{k: v for k, v in kw.items() if v is not None})
+    return MultiheadDiffAttnV2(config.embed_dim, config.num_heads, config.kv_heads, impl=config.impl, **kw)
 
 
 def _count(module: nn.Module) -> int:
