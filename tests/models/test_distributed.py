@@ -8,7 +8,6 @@ parameters must equal those of a single process that saw the whole batch.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -43,10 +42,11 @@ def train(model, data, rank=0, world=1):
         opt.zero_grad()
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A file rendezvous in the test's own folder: no port to race for on a busy machine.
+    store = os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -69,15 +69,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_ddp_and_fsdp2_equal_one_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     model = make_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train(model, batches())
