@@ -65,6 +65,7 @@ def _worker(rank: int, out_dir: str) -> None:
         full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
         if rank == 0:
             torch.save(full, os.path.join(out_dir, "fsdp2.pt"))
+        dist.barrier()  # both ranks done with every collective before either tears gloo down
     finally:
         dist.destroy_process_group()
 
