@@ -147,3 +147,12 @@ def test_unknown_impl_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["--impls", "no_such_strategy", "--out", str(tmp_path), *TINY])
     assert exc.value.code == 2
+
+
+def test_case_that_would_not_fit_is_skipped_not_run(tmp_path):
+    methods = build_methods("op")[:2]  # standard, reference
+    cfg = BenchConfig(seq_lens=(64,), modes=("fwd",), embed_dim=64, num_heads=4, num_kv_heads=4, threads=1,
+                      min_time=0, min_reps=2, max_time=0.2, mem_fraction=1e-12)
+    doc = run_sweep(cfg, methods, progress=False)
+    assert [r["status"] for r in doc["results"]] == ["skipped", "skipped"]
+    assert all("would not fit" in r["reason"] and r["median_s"] is None for r in doc["results"])
