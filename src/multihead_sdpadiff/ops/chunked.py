@@ -182,5 +182,4 @@ class _ChunkedDiffAttention(torch.autograd.Function):
 
 def chunked(q, k, v, lam, mask: AttentionMask, scale: float, block: int | None = None) -> torch.Tensor:
     """Exact differential attention one query block at a time; see the module docstring."""
-    out = _ChunkedDiffAttention.apply(q, k, v, lam, mask, scale, block)
-    return out
+    return _ChunkedDiffAttention.apply(q, k, v, lam, mask, scale, block)
