@@ -8,6 +8,7 @@ import torch
 
 from ..masks import prepare_mask
 from . import chunked as _chunked
+from . import cpu_fused as _cpu_fused
 from . import reference as _reference
 from . import sdpa as _sdpa
 from . import triton_fused as _triton_fused
@@ -56,6 +57,18 @@ register(Strategy("chunked", _chunked.chunked,
                   check=_mask_needs_no_grad,
                   notes="Block size: SDPADIFF_CHUNK rows if set, else ~2M score elements per map."))
 
+
+def _cpu_fused_reasons(inputs: OpInputs) -> list[str]:
+    return _mask_needs_no_grad(inputs) + _cpu_fused.not_supported_reasons()
+
+
+register(Strategy("cpu_fused", _cpu_fused.cpu_fused,
+                  "fused C++ CPU kernel: both maps' scores by GEMM per key tile, A1 - lam*A2 per tile, "
+                  "one product with v; recomputing backward",
+                  flops=1.0, score_memory="O(block*N)", devices=frozenset({"cpu"}), dtypes=_cpu_fused.DTYPES,
+                  check=_cpu_fused_reasons,
+                  notes="Compiled on first use with torch.utils.cpp_extension (C++ compiler and ninja needed; "
+                        "`sdpadiff build` compiles ahead of time). float64 stays on chunked."))
 
 def _run_triton(q, k, v, lam, mask, scale):
     return _triton_fused.triton_diff_attention(q, k, v, lam, mask.tensor, mask.causal, scale)
