@@ -77,6 +77,70 @@ inline void from_float<float>(const float* src, float* dst, int64_t n) {
   if (src != dst) std::copy_n(src, n, dst);
 }
 
+
+// dst (d x n, row-major) = src rows [0, n) of width d (row stride d), transposed.
+template <typename T>
+inline void transpose_tile(const T* src, int64_t n, int64_t d, T* dst) {
+  for (int64_t j = 0; j < n; j++) {
+    const T* row = src + j * d;
+    for (int64_t c = 0; c < d; c++) dst[c * n + j] = row[c];
+  }
+}
+
+// Below this many stacked rows (decode steps) scores are dot products over k read in place.
+constexpr int64_t SMALL_ROWS = 8;
+
+// S (R x n, ld ldc) = Qf (R x d, float) * K[0, n)^T, K rows of width d read in place.
+template <typename T>
+inline void scores_small(int64_t R, int64_t n, int64_t d, const float* Qf, const T* K, float* S, int64_t ldc,
+                         float* krow) {
+  const int64_t W = fVec::size();
+  for (int64_t j = 0; j < n; j++) {
+    const float* kr;
+    if constexpr (std::is_same<T, float>::value) {
+      kr = K + j * d;
+    } else {
+      to_float<T>(K + j * d, krow, d);
+      kr = krow;
+    }
+    for (int64_t r = 0; r < R; r++) {
+      const float* qr = Qf + r * d;
+      fVec acc(0.f);
+      int64_t c = 0;
+      for (; c + W <= d; c += W) acc = at::vec::fmadd(fVec::loadu(qr + c), fVec::loadu(kr + c), acc);
+      float sum = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc);
+      for (; c < d; c++) sum += qr[c] * kr[c];
+      S[r * ldc + j] = sum;
+    }
+  }
+}
+
+// O (R x d2) (+)= A (R x n, float, ld lda) * V[0, n) (rows of width d2 read in place): small R.
+template <typename T>
+inline void av_small(int64_t R, int64_t n, int64_t d2, const float* A, int64_t lda, const T* V, float* O,
+                     bool add, float* vrow) {
+  const int64_t W = fVec::size();
+  if (!add) std::fill_n(O, R * d2, 0.f);
+  for (int64_t j = 0; j < n; j++) {
+    const float* vr;
+    if constexpr (std::is_same<T, float>::value) {
+      vr = V + j * d2;
+    } else {
+      to_float<T>(V + j * d2, vrow, d2);
+      vr = vrow;
+    }
+    for (int64_t r = 0; r < R; r++) {
+      const float a = A[r * lda + j];
+      if (a == 0.f) continue;
+      float* o = O + r * d2;
+      const fVec va(a);
+      int64_t c = 0;
+      for (; c + W <= d2; c += W) at::vec::fmadd(va, fVec::loadu(vr + c), fVec::loadu(o + c)).store(o + c);
+      for (; c < d2; c++) o[c] += a * vr[c];
+    }
+  }
+}
+
 // The dense mask, broadcast over batch and heads by its strides (0 where broadcast).
 struct Mask {
   int kind = 0;  // 0 none, 1 bool, 2 float32 additive
@@ -89,10 +153,11 @@ struct Mask {
   }
 };
 
-// Raw scores s[0, n) of one row and key tile -> scaled, masked scores; columns outside [c0, c1)
-// become -inf. Returns the row max over the tile (-inf if nothing is visible).
+// Raw scores s[0, n) of one row and key tile. With a mask they become scaled, masked scores and
+// mul = 1; without one they stay raw and mul = scale (folded into the exp pass). Columns outside
+// [c0, c1) become -inf. Returns the row max of the scaled scores (-inf if nothing is visible).
 inline float prepare_row(float* s, int64_t n, int64_t c0, int64_t c1, float scale, const Mask& mask,
-                         int64_t bi, int64_t h, int64_t i, int64_t t0) {
+                         int64_t bi, int64_t h, int64_t i, int64_t t0, float& mul) {
   for (int64_t c = 0; c < c0; c++) s[c] = NEG_INF;
   for (int64_t c = c1; c < n; c++) s[c] = NEG_INF;
   if (mask.kind == 1) {
@@ -102,45 +167,34 @@ inline float prepare_row(float* s, int64_t n, int64_t c0, int64_t c1, float scal
     const float* m = mask.row(mask.f, bi, h, i);
     for (int64_t c = c0; c < c1; c++) s[c] = s[c] * scale + m[(t0 + c) * mask.sk];
   }
-  const float sc = mask.kind == 0 ? scale : 1.f;
+  mul = mask.kind == 0 ? scale : 1.f;
   const int64_t W = fVec::size();
-  fVec vmax(NEG_INF), vsc(sc);
+  fVec vmax(NEG_INF);
   int64_t c = c0;
-  if (sc != 1.f) {
-    for (; c + W <= c1; c += W) {
-      fVec x = fVec::loadu(s + c) * vsc;
-      x.store(s + c);
-      vmax = at::vec::maximum(vmax, x);
-    }
-  } else {
-    for (; c + W <= c1; c += W) vmax = at::vec::maximum(vmax, fVec::loadu(s + c));
-  }
+  for (; c + W <= c1; c += W) vmax = at::vec::maximum(vmax, fVec::loadu(s + c));
   float mx = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, vmax);
-  for (; c < c1; c++) {
-    s[c] *= sc;
-    mx = std::max(mx, s[c]);
-  }
-  return mx;
+  for (; c < c1; c++) mx = std::max(mx, s[c]);
+  return mx == NEG_INF ? mx : mx * mul;
 }
 
-// s[0, n) <- exp(s - sub) (0 where s is -inf); returns the sum. sub must be finite.
-inline float exp_row(float* s, int64_t n, int64_t c0, int64_t c1, float sub) {
+// s[0, n) <- exp(s * mul - sub) (0 where s is -inf); returns the sum. sub must be finite.
+inline float exp_row(float* s, int64_t n, int64_t c0, int64_t c1, float sub, float mul) {
   for (int64_t c = 0; c < c0; c++) s[c] = 0.f;
   for (int64_t c = c1; c < n; c++) s[c] = 0.f;
   const int64_t W = fVec::size();
-  fVec vsub(sub), vsum(0.f);
+  fVec vsub(sub), vmul(mul), vsum(0.f);
   const fVec vninf(NEG_INF), vzero(0.f);
   int64_t c = c0;
   for (; c + W <= c1; c += W) {
     fVec x = fVec::loadu(s + c);
-    fVec e = (x - vsub).exp_u20();
+    fVec e = at::vec::fmsub(x, vmul, vsub).exp_u20();
     e = fVec::blendv(e, vzero, x == vninf);
     e.store(s + c);
     vsum = vsum + e;
   }
   float sum = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, vsum);
   for (; c < c1; c++) {
-    float e = s[c] == NEG_INF ? 0.f : std::exp(s[c] - sub);
+    float e = s[c] == NEG_INF ? 0.f : std::exp(s[c] * mul - sub);
     s[c] = e;
     sum += e;
   }
@@ -225,9 +279,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const Geometry& G, at::Tensor& out, at::Tensor& lse) {
   const int64_t d = G.d, d2 = 2 * d, Lq = G.Lq, Lk = G.Lk, KT = G.KT;
   const float scale = static_cast<float>(scale_d);
-  at::Tensor kt = k.transpose(-1, -2).contiguous();  // (B, 2Hkv, d, Lk): B operand of Q K^T
   const T* qp = q.data_ptr<T>();
-  const T* ktp = kt.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   const float* lamp = lam.data_ptr<float>();
   const int32_t* lo = lo_t.data_ptr<int32_t>();
@@ -246,6 +299,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     std::vector<float> m1(Rmax * ntiles_max), l1(Rmax * ntiles_max), m2(Rmax * ntiles_max), l2(Rmax * ntiles_max);
     std::vector<float> O(Rmax * d2), f1(Rmax), f2(Rmax), M1(Rmax), M2(Rmax), L1(Rmax), L2(Rmax);
     std::vector<T> Abuf(std::is_same<T, float>::value ? 0 : Rmax * KT);
+    std::vector<T> KT1(d * KT), KT2(d * KT);  // the key tile, transposed (B operand of Q K^T)
+    std::vector<float> Qf(Rmax * 2 * d), row(d2);  // small-R path: q in float, one converted k/v row
     std::vector<int64_t> c0s(Rmax), c1s(Rmax);
 
     for (int64_t task = begin; task < end; task++) {
@@ -279,18 +334,30 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         c0s[r] = lo[bi * G.lo_sb + i];
         c1s[r] = hi[bi * G.lo_sb + i];
       }
-      const T* kt1 = ktp + (bi * 2 * G.Hkv + 2 * g) * d * Lk;
-      const T* kt2 = kt1 + d * Lk;
+      const T* k1 = kp + (bi * 2 * G.Hkv + 2 * g) * Lk * d;
+      const T* k2 = k1 + Lk * d;
       const T* vg = vp + (bi * G.Hkv + g) * Lk * d2;
       const int64_t nt = (khi - klo + KT - 1) / KT;
+      const bool small = R < SMALL_ROWS;
+      if (small) {
+        to_float<T>(Q1.data(), Qf.data(), R * d);
+        to_float<T>(Q2.data(), Qf.data() + R * d, R * d);
+      }
 
       // Scores and exps, tile by tile, relative to each tile's row max.
       for (int64_t t = 0; t < nt; t++) {
         const int64_t t0 = klo + t * KT, t1 = std::min(khi, t0 + KT), n = t1 - t0;
         float* e1 = E1.data() + (t0 - klo);
         float* e2 = E2.data() + (t0 - klo);
-        gemm<T>(R, n, d, Q1.data(), d, kt1 + t0, Lk, e1, ldE, false);
-        gemm<T>(R, n, d, Q2.data(), d, kt2 + t0, Lk, e2, ldE, false);
+        if (small) {
+          scores_small<T>(R, n, d, Qf.data(), k1 + t0 * d, e1, ldE, row.data());
+          scores_small<T>(R, n, d, Qf.data() + R * d, k2 + t0 * d, e2, ldE, row.data());
+        } else {
+          transpose_tile<T>(k1 + t0 * d, n, d, KT1.data());
+          transpose_tile<T>(k2 + t0 * d, n, d, KT2.data());
+          gemm<T>(R, n, d, Q1.data(), d, KT1.data(), n, e1, ldE, false);
+          gemm<T>(R, n, d, Q2.data(), d, KT2.data(), n, e2, ldE, false);
+        }
         for (int64_t r = 0; r < R; r++) {
           const int64_t h = g * G.rep + r / nqb, i = i0 + r % nqb;
           const int64_t c0 = std::clamp<int64_t>(c0s[r] - t0, 0, n), c1 = std::clamp<int64_t>(c1s[r] - t0, 0, n);
@@ -303,12 +370,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             l1[r * nt + t] = l2[r * nt + t] = 0.f;
             continue;
           }
-          float mx1 = prepare_row(s1, n, c0, c1, scale, mask, bi, h, i, t0);
-          float mx2 = prepare_row(s2, n, c0, c1, scale, mask, bi, h, i, t0);
+          float mul1, mul2;
+          float mx1 = prepare_row(s1, n, c0, c1, scale, mask, bi, h, i, t0, mul1);
+          float mx2 = prepare_row(s2, n, c0, c1, scale, mask, bi, h, i, t0, mul2);
           m1[r * nt + t] = mx1;
           m2[r * nt + t] = mx2;
-          l1[r * nt + t] = mx1 == NEG_INF ? (std::fill_n(s1, n, 0.f), 0.f) : exp_row(s1, n, c0, c1, mx1);
-          l2[r * nt + t] = mx2 == NEG_INF ? (std::fill_n(s2, n, 0.f), 0.f) : exp_row(s2, n, c0, c1, mx2);
+          l1[r * nt + t] = mx1 == NEG_INF ? (std::fill_n(s1, n, 0.f), 0.f) : exp_row(s1, n, c0, c1, mx1, mul1);
+          l2[r * nt + t] = mx2 == NEG_INF ? (std::fill_n(s2, n, 0.f), 0.f) : exp_row(s2, n, c0, c1, mx2, mul2);
         }
       }
       // Row statistics.
@@ -345,9 +413,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           int64_t c = 0;
           for (; c + W <= n; c += W) (fVec::loadu(s1 + c) * va - fVec::loadu(s2 + c) * vb).store(s1 + c);
           for (; c < n; c++) s1[c] = s1[c] * a - s2[c] * b;
-          if constexpr (!std::is_same<T, float>::value) from_float<T>(s1, Abuf.data() + r * KT, n);
+          if constexpr (!std::is_same<T, float>::value) {
+            if (!small) from_float<T>(s1, Abuf.data() + r * KT, n);
+          }
         }
-        if constexpr (std::is_same<T, float>::value) {
+        if (small) {
+          av_small<T>(R, n, d2, E1.data() + (t0 - klo), ldE, vg + t0 * d2, O.data(), t > 0, row.data());
+        } else if constexpr (std::is_same<T, float>::value) {
           gemm<float>(R, d2, n, E1.data() + (t0 - klo), ldE, vg + t0 * d2, d2, O.data(), d2, t > 0);
         } else {
           gemm<T>(R, d2, n, Abuf.data(), KT, vg + t0 * d2, d2, O.data(), d2, t > 0);
@@ -482,14 +554,16 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
           if (c1 <= c0 || lse1[r] == NEG_INF) {
             std::fill_n(s1, n, 0.f);
           } else {
-            prepare_row(s1, n, c0, c1, scale, mask, bi, h, i, t0);
-            exp_row(s1, n, c0, c1, lse1[r]);
+            float mul;
+            prepare_row(s1, n, c0, c1, scale, mask, bi, h, i, t0, mul);
+            exp_row(s1, n, c0, c1, lse1[r], mul);
           }
           if (c1 <= c0 || lse2[r] == NEG_INF) {
             std::fill_n(s2, n, 0.f);
           } else {
-            prepare_row(s2, n, c0, c1, scale, mask, bi, h, i, t0);
-            exp_row(s2, n, c0, c1, lse2[r]);
+            float mul;
+            prepare_row(s2, n, c0, c1, scale, mask, bi, h, i, t0, mul);
+            exp_row(s2, n, c0, c1, lse2[r], mul);
           }
           const float lam_h = lamp[h];
           fVec acc1(0.f), acc2(0.f);
