@@ -12,7 +12,7 @@ def _inputs():
 
 def test_auto_compiles_fullgraph_on_a_traceable_strategy():
     q, k, v = _inputs()
-    assert choose_impl(q, k, v, 0.5, is_causal=True)[0] == "chunked"  # eager CPU prefill
+    assert choose_impl(q, k, v, 0.5, is_causal=True)[0] == "cpu_fused"  # eager CPU prefill
 
     @torch.compile(fullgraph=True, backend="eager")
     def run(q, k, v):

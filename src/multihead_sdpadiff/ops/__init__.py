@@ -85,13 +85,18 @@ register(Strategy("triton", _run_triton,
 #: Names accepted by ``impl=``: every registered strategy, plus ``"auto"``.
 IMPLS: tuple[str, ...] = REGISTRY.names()
 
-# Measured with `sdpadiff bench` and recorded in docs/benchmarks.md. On CPU, chunked costs the
-# FLOPs of standard attention and beats every SDPA strategy for prefill and training; for a
-# decode step the four width-d SDPA calls are as fast and need no Python loop. On CUDA the SDPA
+# Measured with `sdpadiff bench` and recorded in docs/benchmarks.md. On CPU, cpu_fused costs the
+# FLOPs of standard attention in one compiled kernel (prefill, training and decode, also under
+# torch.compile); chunked is the same math in PyTorch ops (float64, or no C++ compiler). For a
+# decode step without cpu_fused the four width-d SDPA calls need no Python loop. On CUDA the SDPA
 # strategies stay on fused kernels; sdpa_2pass has the fewest FLOPs of them (not yet measured here).
 REGISTRY.rules = AUTO_RULES = (
-    AutoRule("sdpa_4pass", "CPU decode step (Lq <= 16): flash SDPA calls, no block loop", device="cpu", max_lq=16),
-    AutoRule("chunked", "CPU: exact at the FLOPs of standard attention, fastest measured", device="cpu"),
+    AutoRule("cpu_fused", "CPU: fused C++ kernel at the FLOPs of standard attention, fastest measured",
+             device="cpu"),
+    AutoRule("sdpa_4pass", "CPU decode step (Lq <= 16) without cpu_fused: flash SDPA calls, no block loop",
+             device="cpu", max_lq=16),
+    AutoRule("chunked", "CPU without cpu_fused (float64, no C++ compiler): exact at the FLOPs of standard "
+             "attention", device="cpu"),
     AutoRule("sdpa_4pass", "CPU where chunked refuses (under torch.compile, or a mask that needs a gradient): "
              "flash SDPA calls", device="cpu"),
     AutoRule("triton", "CUDA: one fused kernel at 1.5x FLOPs, O(N) memory", device="cuda"),
