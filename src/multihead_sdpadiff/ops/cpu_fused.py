@@ -13,7 +13,7 @@ and ``torch.export`` trace through it.
 What it computes: see the C++ file's header. In short, per (batch, kv group, block of up to
 ``BLOCK_ROWS`` stacked query rows) and key tiles of ``KEY_TILE`` keys: both maps' scores by GEMM,
 softmax statistics in float32, ``A1 − λ·A2`` formed per tile before one product with v; the
-backward recomputes from the saved per-map logsumexps. float32, bfloat16 and float16 (GEMMs
+backward recomputes from the saved row max and sum of each map. float32, bfloat16 and float16 (GEMMs
 accumulate in float32); float64 stays on ``chunked``.
 """
 
@@ -140,7 +140,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, l
 @_fwd.register_fake
 def _(q, k, v, lam, lo, hi, mask, scale, block_rows, key_tile):
     b, h2, lq, d = q.shape
-    return q.new_empty(b, h2 // 2, lq, 2 * d), q.new_empty(b, h2 // 2, 2, lq, dtype=torch.float32)
+    return q.new_empty(b, h2 // 2, lq, 2 * d), q.new_empty(b, h2 // 2, 4, lq, dtype=torch.float32)
 
 
 @torch.library.custom_op("sdpadiff::cpu_fused_bwd", mutates_args=(), device_types="cpu")

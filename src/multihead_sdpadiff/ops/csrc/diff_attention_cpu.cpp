@@ -12,9 +12,10 @@
 // the row is done, the row's max and sum are known, and the factors exp(m_tile - m_row) / l_row
 // (times lam for map 2) form A1 - lam A2 tile by tile, followed by ONE product with v. Per
 // (query, key) pair this is 4d (two QK^T of width d) + 4d (A V of width 2d) FLOPs: standard
-// attention's 8d. The row logsumexp of each map is returned for the backward.
+// attention's 8d. Each map's row max and sum are returned for the backward (kept apart, not as
+// a logsumexp: at large scores max + log(sum) rounds away the digits near-one-hot rows need).
 //
-// Backward, per block: pass 1 recomputes P1, P2 from the saved logsumexps, dA = dO V^T, dV +=
+// Backward, per block: pass 1 recomputes P1, P2 from the saved row max and sum, dA = dO V^T, dV +=
 // A^T dO, and the row sums r_m = sum_j dA_j P_m,j; pass 2 forms dS1 = P1 (dA - r1) s and
 // dS2 = -lam P2 (dA - r2) s, then dQ += dS K and dK += dS^T Q. 20d per pair, standard attention's
 // backward. dK and dV are summed in per-thread float32 buffers (several blocks and heads write the
@@ -177,24 +178,27 @@ inline float prepare_row(float* s, int64_t n, int64_t c0, int64_t c1, float scal
   return mx == NEG_INF ? mx : mx * mul;
 }
 
-// s[0, n) <- exp(s * mul - sub) (0 where s is -inf); returns the sum. sub must be finite.
-inline float exp_row(float* s, int64_t n, int64_t c0, int64_t c1, float sub, float mul) {
+// s[0, n) <- exp(s * mul - sub) * post (0 where s is -inf); returns the sum. sub must be finite.
+// s * mul is rounded before the subtraction (no fma) so that the max entry gives exp(0) exactly, as
+// in the forward: near one-hot rows need P to the last bit, since dS = P (dA - sum P dA) cancels.
+inline float exp_row(float* s, int64_t n, int64_t c0, int64_t c1, float sub, float mul, float post = 1.f) {
   for (int64_t c = 0; c < c0; c++) s[c] = 0.f;
   for (int64_t c = c1; c < n; c++) s[c] = 0.f;
   const int64_t W = fVec::size();
-  fVec vsub(sub), vmul(mul), vsum(0.f);
+  fVec vsub(sub), vmul(mul), vpost(post), vsum(0.f);
   const fVec vninf(NEG_INF), vzero(0.f);
   int64_t c = c0;
   for (; c + W <= c1; c += W) {
     fVec x = fVec::loadu(s + c);
-    fVec e = at::vec::fmsub(x, vmul, vsub).exp_u20();
+    fVec e = ((x * vmul) - vsub).exp_u20() * vpost;
     e = fVec::blendv(e, vzero, x == vninf);
     e.store(s + c);
     vsum = vsum + e;
   }
   float sum = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, vsum);
   for (; c < c1; c++) {
-    float e = s[c] == NEG_INF ? 0.f : std::exp(s[c] * mul - sub);
+    float xm = s[c] * mul;
+    float e = s[c] == NEG_INF ? 0.f : std::exp(xm - sub) * post;
     s[c] = e;
     sum += e;
   }
@@ -317,13 +321,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       };
       auto lse_row = [&](int64_t r, int64_t map) {
         int64_t h = g * G.rep + r / nqb, i = i0 + r % nqb;
-        return lsep + ((bi * G.H + h) * 2 + map) * Lq + i;
+        return lsep + ((bi * G.H + h) * 4 + map) * Lq + i;
       };
       if (khi <= klo) {  // no row of this block sees any key
         for (int64_t r = 0; r < R; r++) {
           std::fill_n(out_row(r), d2, T(0));
-          *lse_row(r, 0) = NEG_INF;
-          *lse_row(r, 1) = NEG_INF;
+          *lse_row(r, 0) = *lse_row(r, 2) = NEG_INF;
+          *lse_row(r, 1) = *lse_row(r, 3) = 0.f;
         }
         continue;
       }
@@ -395,8 +399,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         M2[r] = b;
         L1[r] = sa;
         L2[r] = sb;
-        *lse_row(r, 0) = sa > 0.f ? a + std::log(sa) : NEG_INF;
-        *lse_row(r, 1) = sb > 0.f ? b + std::log(sb) : NEG_INF;
+        *lse_row(r, 0) = sa > 0.f ? a : NEG_INF;  // row max and sum of each map, for the backward
+        *lse_row(r, 1) = sa;
+        *lse_row(r, 2) = sb > 0.f ? b : NEG_INF;
+        *lse_row(r, 3) = sb;
       }
       // A1 - lam A2 tile by tile, then one product with v.
       for (int64_t t = 0; t < nt; t++) {
@@ -437,7 +443,7 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
   Geometry G = geometry(q, k, lo, block_rows, key_tile);
   Mask mask = make_mask(mask_opt, G);
   at::Tensor out = at::empty({G.B, G.H, G.Lq, 2 * G.d}, q.options());
-  at::Tensor lse = at::empty({G.B, G.H, 2, G.Lq}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({G.B, G.H, 4, G.Lq}, q.options().dtype(at::kFloat));  // max1, sum1, max2, sum2
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "cpu_fused_fwd", [&] {
     if constexpr (std::is_same<scalar_t, double>::value) {
       TORCH_CHECK(false, "cpu_fused: float64 is not supported");
@@ -483,9 +489,10 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
     const int64_t ldE = std::max<int64_t>(1, Lk);
     std::vector<T> Q1(Rmax * d), Q2(Rmax * d), QT1(d * Rmax), QT2(d * Rmax), dO(Rmax * d2), dOT(d2 * Rmax);
     std::vector<float> P1(Rmax * ldE), P2(Rmax * ldE), dA(Rmax * ldE);
-    std::vector<float> r1(Rmax), r2(Rmax), lse1(Rmax), lse2(Rmax), dQ1(Rmax * d), dQ2(Rmax * d), tmp(std::max(d2, KT));
-    std::vector<T> Ab(Rmax * KT), DS1(std::is_same<T, float>::value ? 0 : Rmax * KT),
-        DS2(std::is_same<T, float>::value ? 0 : Rmax * KT);
+    std::vector<float> r1(Rmax), r2(Rmax), lse1(Rmax), lse2(Rmax), sum1(Rmax), sum2(Rmax), dQ1(Rmax * d), dQ2(Rmax * d), tmp(std::max(d2, KT));
+    constexpr bool is_bf16 = std::is_same<T, at::BFloat16>::value, is_half = std::is_same<T, at::Half>::value;
+    std::vector<T> Ab(Rmax * KT), DS1(is_bf16 ? Rmax * KT : 0), DS2(is_bf16 ? Rmax * KT : 0);
+    std::vector<float> Kf(is_half ? 2 * KT * d : 0), QTf(is_half ? 2 * d * Rmax : 0);
     std::vector<int64_t> c0s(Rmax), c1s(Rmax);
 
     for (int64_t task = begin; task < end; task++) {
@@ -512,8 +519,10 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
         std::copy_n(qp + qrow(r, 0), d, Q1.data() + r * d);
         std::copy_n(qp + qrow(r, 1), d, Q2.data() + r * d);
         std::copy_n(dop + ((bi * G.H + h) * Lq + i) * d2, d2, dO.data() + r * d2);
-        lse1[r] = lsep[((bi * G.H + h) * 2 + 0) * Lq + i];
-        lse2[r] = lsep[((bi * G.H + h) * 2 + 1) * Lq + i];
+        lse1[r] = lsep[((bi * G.H + h) * 4 + 0) * Lq + i];
+        sum1[r] = lsep[((bi * G.H + h) * 4 + 1) * Lq + i];
+        lse2[r] = lsep[((bi * G.H + h) * 4 + 2) * Lq + i];
+        sum2[r] = lsep[((bi * G.H + h) * 4 + 3) * Lq + i];
         c0s[r] = lo[bi * G.lo_sb + i];
         c1s[r] = hi[bi * G.lo_sb + i];
         r1[r] = r2[r] = 0.f;
@@ -525,6 +534,10 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
         }
       for (int64_t c = 0; c < d2; c++)
         for (int64_t r = 0; r < R; r++) dOT[c * R + r] = dO[r * d2 + c];
+      if constexpr (is_half) {
+        to_float<T>(QT1.data(), QTf.data(), d * R);
+        to_float<T>(QT2.data(), QTf.data() + d * R, d * R);
+      }
       const T* kt1 = ktp + (bi * 2 * G.Hkv + 2 * g) * d * Lk;
       const T* kt2 = kt1 + d * Lk;
       const T* k1 = kp + (bi * 2 * G.Hkv + 2 * g) * Lk * d;
@@ -536,7 +549,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       const int64_t nt = (khi - klo + KT - 1) / KT;
       const int64_t W = fVec::size();
 
-      // Pass 1: P1, P2 (from the saved logsumexps), dA = dO V^T; dV^T += dO^T A; r = rowsum(dA * P).
+      // Pass 1: P1, P2 (from the saved row max and sum), dA = dO V^T; dV^T += dO^T A; r = rowsum(dA * P).
       for (int64_t t = 0; t < nt; t++) {
         const int64_t t0 = klo + t * KT, t1 = std::min(khi, t0 + KT), n = t1 - t0;
         float* p1 = P1.data() + (t0 - klo);
@@ -556,14 +569,14 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
           } else {
             float mul;
             prepare_row(s1, n, c0, c1, scale, mask, bi, h, i, t0, mul);
-            exp_row(s1, n, c0, c1, lse1[r], mul);
+            exp_row(s1, n, c0, c1, lse1[r], mul, 1.f / sum1[r]);
           }
           if (c1 <= c0 || lse2[r] == NEG_INF) {
             std::fill_n(s2, n, 0.f);
           } else {
             float mul;
             prepare_row(s2, n, c0, c1, scale, mask, bi, h, i, t0, mul);
-            exp_row(s2, n, c0, c1, lse2[r], mul);
+            exp_row(s2, n, c0, c1, lse2[r], mul, 1.f / sum2[r]);
           }
           const float lam_h = lamp[h];
           fVec acc1(0.f), acc2(0.f);
@@ -613,10 +626,21 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
             s1[c] = s1[c] * (dar[c] - r1[r]) * scale;
             s2[c] = s2[c] * (dar[c] - r2[r]) * nl;
           }
-          if constexpr (!std::is_same<T, float>::value) {
+          if constexpr (std::is_same<T, at::BFloat16>::value) {
             from_float<T>(s1, DS1.data() + r * KT, n);
             from_float<T>(s2, DS2.data() + r * KT, n);
           }
+        }
+        if constexpr (std::is_same<T, at::Half>::value) {
+          // float16 would flush the small entries of dS to zero (its range ends near 6e-8): the dS
+          // products run in float32, with the key tile converted.
+          to_float<T>(k1 + t0 * d, Kf.data(), n * d);
+          to_float<T>(k2 + t0 * d, Kf.data() + n * d, n * d);
+          gemm<float>(R, d, n, p1, ldE, Kf.data(), d, dQ1.data(), d, t > 0);
+          gemm<float>(R, d, n, p2, ldE, Kf.data() + n * d, d, dQ2.data(), d, t > 0);
+          gemm<float>(d, n, R, QTf.data(), R, p1, ldE, dkT1 + t0, Lk, true);
+          gemm<float>(d, n, R, QTf.data() + d * R, R, p2, ldE, dkT2 + t0, Lk, true);
+          continue;
         }
         const T* ds1;
         const T* ds2;
