@@ -1,4 +1,4 @@
-"""The ``sdpadiff`` command line: ``sdpadiff check``, ``sdpadiff bench`` and ``sdpadiff demo``."""
+"""The ``sdpadiff`` command line: ``sdpadiff check``, ``sdpadiff bench``, ``sdpadiff build`` and ``sdpadiff demo``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,27 @@ def _bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def _build(argv: list[str]) -> int:
+    from .ops import cpu_fused
+
+    p = argparse.ArgumentParser(prog="sdpadiff build", description=(
+        "Compile the cpu_fused C++ kernel now (it is otherwise compiled on first use) and print where "
+        "the library lives. Cached across processes in torch's extension folder (TORCH_EXTENSIONS_DIR)."))
+    p.parse_args(argv)
+    reasons = cpu_fused.not_supported_reasons()
+    if reasons:
+        print("cpu_fused cannot be built here: " + "; ".join(reasons), file=sys.stderr)
+        return 1
+    try:
+        path = cpu_fused.build()
+    except RuntimeError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    tag, _ = cpu_fused.capability_flags()
+    print(f"cpu_fused kernel ({tag}, torch {torch.__version__}): {path}")
+    return 0
+
+
 def _demo(argv: list[str]) -> int:
     from .demo.cli import main as demo_main  # imported lazily: it trains models and draws figures
 
@@ -40,7 +61,7 @@ def _demo(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"check": _check, "bench": _bench, "demo": _demo}
+    commands = {"check": _check, "bench": _bench, "build": _build, "demo": _demo}
     if not argv or argv[0] not in commands:
         print(f"usage: sdpadiff {{{','.join(commands)}}} [options]  (sdpadiff COMMAND --help)", file=sys.stderr)
         return 2
