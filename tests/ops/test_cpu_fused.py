@@ -129,6 +129,7 @@ def test_export():
 def test_no_compiler_refuses_with_the_reason_and_auto_moves_on(monkeypatch):
     monkeypatch.setattr(cpu_fused, "_module", None)
     monkeypatch.setattr(cpu_fused, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu_fused, "_TOOLCHAIN", None)  # looked up again, now without a compiler
     q, k, v = torch.randn(1, 4, 33, 8), torch.randn(1, 4, 33, 8), torch.randn(1, 2, 33, 16)
     reasons = get_strategy("cpu_fused").not_supported_reasons(_prepare(q, k, v, 0.5, None, True, None))
     assert any("no C++ compiler" in r for r in reasons)

@@ -53,7 +53,7 @@ def _mask_needs_no_grad(inputs: OpInputs) -> list[str]:
 
 register(Strategy("chunked", _chunked.chunked,
                   "exact, one query block at a time: both softmaxes, A1 - lam*A2, one product with v",
-                  flops=1.0, score_memory="O(block*N)", dtypes=_FLOAT, compilable=False,
+                  flops=1.0, score_memory="O(block*N)", dtypes=_FLOAT,
                   check=_mask_needs_no_grad,
                   notes="Block size: SDPADIFF_CHUNK rows if set, else ~2M score elements per map."))
 
@@ -97,8 +97,8 @@ REGISTRY.rules = AUTO_RULES = (
              device="cpu", max_lq=16),
     AutoRule("chunked", "CPU without cpu_fused (float64, no C++ compiler): exact at the FLOPs of standard "
              "attention", device="cpu"),
-    AutoRule("sdpa_4pass", "CPU where chunked refuses (under torch.compile, or a mask that needs a gradient): "
-             "flash SDPA calls", device="cpu"),
+    AutoRule("sdpa_4pass", "CPU where chunked refuses (a mask that needs a gradient): flash SDPA calls",
+             device="cpu"),
     AutoRule("triton", "CUDA: one fused kernel at 1.5x FLOPs, O(N) memory", device="cuda"),
     AutoRule("sdpa_2pass", "CUDA without triton: 1.5x FLOPs on fused SDPA kernels, O(N) memory", device="cuda"),
     AutoRule("chunked", "other devices: plain matmul and softmax, O(block * N) memory"),

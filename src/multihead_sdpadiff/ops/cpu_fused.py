@@ -71,12 +71,7 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
-def not_supported_reasons() -> list[str]:
-    """Why the kernel cannot be built or loaded here (empty when it can). Never compiles."""
-    if _module is not None:
-        return []
-    if _build_error is not None:
-        return [f"the cpu_fused kernel failed to build: {_build_error}"]
+def _toolchain_reasons() -> list[str]:
     reasons = []
     if not SOURCE.is_file():
         reasons.append(f"the kernel source {SOURCE} is missing from the installed package")
@@ -86,6 +81,23 @@ def not_supported_reasons() -> list[str]:
     if shutil.which("ninja") is None:
         reasons.append("ninja is not on PATH (pip install ninja); torch.utils.cpp_extension needs it to compile cpu_fused")
     return reasons
+
+
+# Looked up once, here, because torch.compile cannot trace file-system calls and the dispatcher
+# asks for these reasons inside compiled regions. A few stat calls; nothing is compiled.
+_TOOLCHAIN: list[str] | None = _toolchain_reasons()
+
+
+def not_supported_reasons() -> list[str]:
+    """Why the kernel cannot be built or loaded here (empty when it can). Never compiles."""
+    global _TOOLCHAIN
+    if _module is not None:
+        return []
+    if _build_error is not None:
+        return [f"the cpu_fused kernel failed to build: {_build_error}"]
+    if _TOOLCHAIN is None:
+        _TOOLCHAIN = _toolchain_reasons()
+    return list(_TOOLCHAIN)
 
 
 def _load():
