@@ -80,11 +80,11 @@ inline void from_float<float>(const float* src, float* dst, int64_t n) {
 
 
 // dst (d x n, row-major) = src rows [0, n) of width d (row stride d), transposed.
-template <typename T>
-inline void transpose_tile(const T* src, int64_t n, int64_t d, T* dst) {
+template <typename T, typename U>
+inline void transpose_tile(const T* src, int64_t n, int64_t d, U* dst) {
   for (int64_t j = 0; j < n; j++) {
     const T* row = src + j * d;
-    for (int64_t c = 0; c < d; c++) dst[c * n + j] = row[c];
+    for (int64_t c = 0; c < d; c++) dst[c * n + j] = static_cast<U>(row[c]);
   }
 }
 
@@ -302,9 +302,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     std::vector<float> E1(Rmax * ldE), E2(Rmax * ldE);
     std::vector<float> m1(Rmax * ntiles_max), l1(Rmax * ntiles_max), m2(Rmax * ntiles_max), l2(Rmax * ntiles_max);
     std::vector<float> O(Rmax * d2), f1(Rmax), f2(Rmax), M1(Rmax), M2(Rmax), L1(Rmax), L2(Rmax);
-    std::vector<T> Abuf(std::is_same<T, float>::value ? 0 : Rmax * KT);
-    std::vector<T> KT1(d * KT), KT2(d * KT);  // the key tile, transposed (B operand of Q K^T)
-    std::vector<float> Qf(Rmax * 2 * d), row(d2);  // small-R path: q in float, one converted k/v row
+    // The forward's GEMMs all run in float32: bf16/half q rows and k/v tiles are converted once per
+    // tile (O(tile) work against the tile's O(rows * tile * d) products), which is both faster than
+    // the low-precision GEMM here and keeps A1 - lam A2 in float32 for the product with v.
+    constexpr bool is_f32 = std::is_same<T, float>::value;
+    std::vector<float> KT1(d * KT), KT2(d * KT);  // the key tile, transposed (B operand of Q K^T)
+    std::vector<float> Vf(is_f32 ? 0 : KT * d2);
+    std::vector<float> Qf(Rmax * 2 * d), row(d2);  // q rows in float; one converted k/v row
     std::vector<int64_t> c0s(Rmax), c1s(Rmax);
 
     for (int64_t task = begin; task < end; task++) {
@@ -343,10 +347,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const T* vg = vp + (bi * G.Hkv + g) * Lk * d2;
       const int64_t nt = (khi - klo + KT - 1) / KT;
       const bool small = R < SMALL_ROWS;
-      if (small) {
-        to_float<T>(Q1.data(), Qf.data(), R * d);
-        to_float<T>(Q2.data(), Qf.data() + R * d, R * d);
-      }
+      to_float<T>(Q1.data(), Qf.data(), R * d);
+      to_float<T>(Q2.data(), Qf.data() + R * d, R * d);
 
       // Scores and exps, tile by tile, relative to each tile's row max.
       for (int64_t t = 0; t < nt; t++) {
@@ -357,10 +359,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           scores_small<T>(R, n, d, Qf.data(), k1 + t0 * d, e1, ldE, row.data());
           scores_small<T>(R, n, d, Qf.data() + R * d, k2 + t0 * d, e2, ldE, row.data());
         } else {
-          transpose_tile<T>(k1 + t0 * d, n, d, KT1.data());
-          transpose_tile<T>(k2 + t0 * d, n, d, KT2.data());
-          gemm<T>(R, n, d, Q1.data(), d, KT1.data(), n, e1, ldE, false);
-          gemm<T>(R, n, d, Q2.data(), d, KT2.data(), n, e2, ldE, false);
+          transpose_tile(k1 + t0 * d, n, d, KT1.data());
+          transpose_tile(k2 + t0 * d, n, d, KT2.data());
+          gemm<float>(R, n, d, Qf.data(), d, KT1.data(), n, e1, ldE, false);
+          gemm<float>(R, n, d, Qf.data() + R * d, d, KT2.data(), n, e2, ldE, false);
         }
         for (int64_t r = 0; r < R; r++) {
           const int64_t h = g * G.rep + r / nqb, i = i0 + r % nqb;
@@ -419,16 +421,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           int64_t c = 0;
           for (; c + W <= n; c += W) (fVec::loadu(s1 + c) * va - fVec::loadu(s2 + c) * vb).store(s1 + c);
           for (; c < n; c++) s1[c] = s1[c] * a - s2[c] * b;
-          if constexpr (!std::is_same<T, float>::value) {
-            if (!small) from_float<T>(s1, Abuf.data() + r * KT, n);
-          }
         }
         if (small) {
           av_small<T>(R, n, d2, E1.data() + (t0 - klo), ldE, vg + t0 * d2, O.data(), t > 0, row.data());
-        } else if constexpr (std::is_same<T, float>::value) {
+        } else if constexpr (is_f32) {
           gemm<float>(R, d2, n, E1.data() + (t0 - klo), ldE, vg + t0 * d2, d2, O.data(), d2, t > 0);
         } else {
-          gemm<T>(R, d2, n, Abuf.data(), KT, vg + t0 * d2, d2, O.data(), d2, t > 0);
+          to_float<T>(vg + t0 * d2, Vf.data(), n * d2);
+          gemm<float>(R, d2, n, E1.data() + (t0 - klo), ldE, Vf.data(), d2, O.data(), d2, t > 0);
         }
       }
       for (int64_t r = 0; r < R; r++) from_float<T>(O.data() + r * d2, out_row(r), d2);
