@@ -297,7 +297,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch: packed q rows, both maps' exps over the block's whole key range, tile stats.
     const int64_t ntiles_max = (Lk + KT - 1) / KT;
-    const int64_t ldE = std::max<int64_t>(1, Lk);
+    // Row stride of the score buffers: padded so that a power-of-two Lk does not put every row of a
+    // tile in the same cache sets.
+    const int64_t ldE = (Lk + 15) / 16 * 16 + 16;
     std::vector<T> Q1(Rmax * d), Q2(Rmax * d);
     std::vector<float> E1(Rmax * ldE), E2(Rmax * ldE);
     std::vector<float> m1(Rmax * ntiles_max), l1(Rmax * ntiles_max), m2(Rmax * ntiles_max), l2(Rmax * ntiles_max);
@@ -486,7 +488,9 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
     float* dkT = dkT_acc.data_ptr<float>() + tid * G.B * 2 * G.Hkv * d * Lk;
     float* dvT = dvT_acc.data_ptr<float>() + tid * G.B * G.Hkv * d2 * Lk;
     double* dlam = dlam_acc.data_ptr<double>() + tid * G.H;
-    const int64_t ldE = std::max<int64_t>(1, Lk);
+    // Row stride of the score buffers: padded so that a power-of-two Lk does not put every row of a
+    // tile in the same cache sets.
+    const int64_t ldE = (Lk + 15) / 16 * 16 + 16;
     std::vector<T> Q1(Rmax * d), Q2(Rmax * d), QT1(d * Rmax), QT2(d * Rmax), dO(Rmax * d2), dOT(d2 * Rmax);
     std::vector<float> P1(Rmax * ldE), P2(Rmax * ldE), dA(Rmax * ldE);
     std::vector<float> r1(Rmax), r2(Rmax), lse1(Rmax), lse2(Rmax), sum1(Rmax), sum2(Rmax), dQ1(Rmax * d), dQ2(Rmax * d), tmp(std::max(d2, KT));
