@@ -136,10 +136,7 @@ def oracle_timm(params, x, *, dim, num_heads, qkv_bias, qk_norm, scale_norm, pro
     if qk_norm:
         q, k = _rms(q, p["q_norm.weight"], norm_eps), _rms(k, p["k_norm.weight"], norm_eps)
     lam_init = 0.8 - 0.6 * math.exp(-0.3 * depth)
-    if dual_lambda:
-        lam = torch.exp(p["lambda_a"]) - torch.exp(p["lambda_b"]) + lam_init
-    else:
-        lam = _lam(p, lam_init)
+    lam = torch.exp(p["lambda_a"]) - torch.exp(p["lambda_b"]) + lam_init if dual_lambda else _lam(p, lam_init)
     outs = []
     for bi in range(b):
         vis = _visible(n, n, is_causal)
