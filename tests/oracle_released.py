@@ -91,8 +91,12 @@ def _diff_heads(q, k, v, lam, vis, d):
     return torch.stack(heads, dim=1)
 
 
-def oracle_phi4flash_layer(params, x, *, hidden, num_heads, num_kv_heads, layer_idx, window=None, shared_kv=None):
+def oracle_phi4flash_layer(params, x, *, hidden, num_heads, num_kv_heads, layer_idx, window=None, shared_kv=None,
+                           round_bf16=False):
     """One SambaY differential attention layer over the whole sequence x (B, L, hidden), float64.
+
+    ``round_bf16`` rounds q, k, v and lambda to bfloat16 first (the shipped code's casts), computes
+    in float64 and rounds the attention output to bfloat16.
 
     Returns (out, (k, v)) with k (B, L, Hkv, d) and v (B, L, Hkv, d) as projected (for YOCO sharing).
     A cross layer (``shared_kv`` given) projects only q and attends to those keys and values.
@@ -110,12 +114,16 @@ def oracle_phi4flash_layer(params, x, *, hidden, num_heads, num_kv_heads, layer_
     else:
         k, v = shared_kv
     lam = _lam(p, lam_init)
+    if round_bf16:
+        q, k, v, lam = (t.to(torch.bfloat16).to(F64) for t in (q, k, v, lam))
     vis = _visible(length, k.shape[1], True, window)
     outs = []
     for bi in range(b):
         # even heads are map 1, odd heads map 2; the value of head i is [v_even | v_odd] of its group
         vv = torch.cat((v[bi, :, 0::2], v[bi, :, 1::2]), dim=-1)  # (S, Hkv/2, 2d)
         o = _diff_heads(q[bi], k[bi], vv, lam, vis, d)  # (L, H/2, 2d)
+        if round_bf16:  # the attention output comes back in bfloat16 too
+            o = o.to(torch.bfloat16).to(F64)
         o = _rms(o, p["subln.weight"], 1e-5) * (1 - lam_init)
         outs.append(o.reshape(length, hidden))
     return torch.stack(outs) @ p["out_proj.weight"].T + p["out_proj.bias"], (k, v)
