@@ -140,22 +140,44 @@ def _block(qs, qn, k, v, lam, mask: AttentionMask, scale, i0, i1, k0, k1, sizes)
     s_sig = (qs_rows @ kp[:, :, 0].transpose(-1, -2)).view(b, p, m, r, bq, kl)
     s_noise = (qn_rows @ kp[:, :, 1].transpose(-1, -2)).view(b, p, m, bq, kl)
 
-    mt, hidden = mask.tensor, None
+    mt = mask.tensor
     if mt is not None:
         mt = mt[:, :, i0:i1, k0:k1]  # (B|1, N_n|1, bq, kl)
         mt = mt.unflatten(1, (p, m) if mt.shape[1] > 1 else (1, 1))  # (B|1, P|1, m|1, bq, kl)
+        if mt.dtype == torch.bool:
+            s_noise.masked_fill_(~mt, float("-inf"))
+            s_sig.masked_fill_(~mt.unsqueeze(3), float("-inf"))
+        else:
+            s_noise.add_(mt.to(work))
+            s_sig.add_(mt.to(work).unsqueeze(3))
     if mask.causal:
         off = mask.lk - mask.lq
-        rows = torch.arange(i0, i1, device=qs.device).unsqueeze(1)
-        cols = torch.arange(k0, k1, device=qs.device).unsqueeze(0)
-        hidden = cols > rows + off  # (bq, kl), bottom-right
-        if not bool(hidden.any()):
-            hidden = None
-    p_noise = softmax_or_zero(_apply_mask(s_noise, mt, hidden))  # (B, P, m, bq, kl), once per noise head
-    p_sig = softmax_or_zero(_apply_mask(s_sig, None if mt is None else mt.unsqueeze(3), hidden))
-    a = p_sig - lam.to(work).view(1, p, m, r, 1, 1) * p_noise.unsqueeze(3)  # (B, P, m, r, bq, kl)
+        c0 = max(k0, i0 + off + 1)  # the first column the causal mask may hide in this block
+        if c0 < k1:  # only the columns past c0 are touched
+            rows = torch.arange(i0, i1, device=qs.device).unsqueeze(1)
+            hidden = torch.arange(c0, k1, device=qs.device).unsqueeze(0) > rows + off  # (bq, k1 - c0)
+            s_noise[..., c0 - k0:].masked_fill_(hidden, float("-inf"))
+            s_sig[..., c0 - k0:].masked_fill_(hidden, float("-inf"))
+    # Rows that see no key exist only with a mask tensor or when causal and Lq > Lk.
+    may_die = mask.tensor is not None or (mask.causal and mask.lq > mask.lk)
+    p_noise = _softmax(s_noise, may_die)  # (B, P, m, bq, kl): once per noise head
+    p_sig = _softmax(s_sig, may_die)  # (B, P, m, r, bq, kl)
+    lam_w = lam.to(work).view(1, p, m, r, 1, 1)
+    if torch.is_grad_enabled():  # the backward's recomputation: softmax's output must stay intact
+        a = torch.addcmul(p_sig, p_noise.unsqueeze(3), lam_w, value=-1.0)
+    else:
+        a = p_sig.addcmul_(p_noise.unsqueeze(3), lam_w, value=-1.0)  # A_sig - λ·A_noise, (B, P, m, r, bq, kl)
     o = a.flatten(2, 4) @ v.to(work)  # (B, P, m*r*bq, 2d)
     return o.view(b, p, m * r, bq, 2 * d).to(v.dtype)
+
+
+def _softmax(s: torch.Tensor, may_die: bool) -> torch.Tensor:
+    """Softmax over the last dim; with ``may_die``, rows that are all -inf give zeros, not NaN."""
+    if not may_die:
+        return torch.softmax(s, dim=-1)
+    dead = s.amax(dim=-1, keepdim=True) == float("-inf")
+    # Filled before the softmax too, so that the backward sees no NaN.
+    return torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
 
 
 class _ChunkedGrouped(torch.autograd.Function):
