@@ -182,3 +182,20 @@ def test_bad_inputs_raise_value_errors_and_leave_cache():
     qs, qn = torch.randn(1, 4, 3, 8), torch.randn(1, 3, 3, 8)
     with pytest.raises(ValueError, match="multiple"):
         grouped_diff_attention(qs, qn, torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 16), 0.5)
+
+
+@pytest.mark.parametrize("lq, lk", [(7, 11), (9, 5)], ids=["cache", "more-queries-than-keys"])
+def test_chunked_gradients_match_reference_with_per_head_lambda(lq, lk, monkeypatch):
+    monkeypatch.setenv("SDPADIFF_CHUNK", "3")
+    torch.manual_seed(4)
+    t = [torch.randn(2, 6, lq, 8, dtype=torch.float64), torch.randn(2, 3, lq, 8, dtype=torch.float64),
+         torch.randn(2, 6, lk, 8, dtype=torch.float64), torch.randn(2, 3, lk, 16, dtype=torch.float64),
+         torch.rand(6, dtype=torch.float64)]
+    t = [x.requires_grad_() for x in t]
+    g = torch.randn(2, 6, lq, 16, dtype=torch.float64)
+    outs = {impl: grouped_diff_attention(*t, is_causal=True, impl=impl) for impl in STRATEGIES}
+    torch.testing.assert_close(outs["chunked"], outs["reference"], rtol=1e-12, atol=1e-12)
+    got, want = (torch.autograd.grad(outs[i], t, g) for i in ("chunked", "reference"))
+    for a, b in zip(got, want, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -120,16 +120,17 @@ def _plan(lq: int, lk: int, mask: AttentionMask, block: int) -> list[tuple[int, 
     return blocks
 
 
-def _block(qs, qn, k, v, lam, mask: AttentionMask, scale, i0, i1, k0, k1, sizes):
-    """One query block ``[i0, i1)`` against keys ``[k0, k1)``: ``(B, P, m·r, bq, 2d)``.
+def _probs(qs, qn, k, mask: AttentionMask, scale, i0, i1, k0, k1, sizes):
+    """Both kinds of map for query block ``[i0, i1)`` against keys ``[k0, k1)``, in the working precision.
 
-    ``qs (B, N_s, bq, d)``, ``qn (B, N_n, bq, d)`` hold the block's rows; ``k (B, 2P, kl, d)`` and
-    ``v (B, P, kl, 2d)`` the visible keys. Differentiable: the backward recomputes it.
+    ``qs (B, N_s, bq, d)``, ``qn (B, N_n, bq, d)`` hold the block's rows and ``k (B, 2P, kl, d)`` the
+    visible keys. Returns the scaled query rows ``(B, P, m·r·bq, d)`` and ``(B, P, m·bq, d)``, the
+    keys ``(B, P, 2, kl, d)``, ``p_sig (B, P, m, r, bq, kl)`` and ``p_noise (B, P, m, bq, kl)``.
     """
     ns, n_noise, p, r = sizes
     m = n_noise // p
     work = _work(qs.dtype)
-    b, _, bq, d = qs.shape
+    b, _, bq, _ = qs.shape
     kl = k1 - k0
     # A pair's m noise heads and their m*r signal heads are stacked along rows: one matmul per pair
     # reads the compact k and v in place (no GQA copies).
@@ -162,13 +163,7 @@ def _block(qs, qn, k, v, lam, mask: AttentionMask, scale, i0, i1, k0, k1, sizes)
     may_die = mask.tensor is not None or (mask.causal and mask.lq > mask.lk)
     p_noise = _softmax(s_noise, may_die)  # (B, P, m, bq, kl): once per noise head
     p_sig = _softmax(s_sig, may_die)  # (B, P, m, r, bq, kl)
-    lam_w = lam.to(work).view(1, p, m, r, 1, 1)
-    if torch.is_grad_enabled():  # the backward's recomputation: softmax's output must stay intact
-        a = torch.addcmul(p_sig, p_noise.unsqueeze(3), lam_w, value=-1.0)
-    else:
-        a = p_sig.addcmul_(p_noise.unsqueeze(3), lam_w, value=-1.0)  # A_sig - λ·A_noise, (B, P, m, r, bq, kl)
-    o = a.flatten(2, 4) @ v.to(work)  # (B, P, m*r*bq, 2d)
-    return o.view(b, p, m * r, bq, 2 * d).to(v.dtype)
+    return qs_rows, qn_rows, kp, p_sig, p_noise
 
 
 def _softmax(s: torch.Tensor, may_die: bool) -> torch.Tensor:
@@ -188,10 +183,16 @@ class _ChunkedGrouped(torch.autograd.Function):
         blocks = _plan(lq, lk, mask, block or _block_rows(b, ns, lk))
         p = sizes[2]
         out = qs.new_zeros(b, p, ns // p, lq, 2 * d)  # (B, P, m*r, Lq, 2d)
+        work = _work(qs.dtype)
+        lam_w = lam.to(work).view(1, p, sizes[1] // p, sizes[3], 1, 1)
         for i0, i1, k0, k1 in blocks:
-            if k1 > k0:
-                out[:, :, :, i0:i1] = _block(qs[:, :, i0:i1], qn[:, :, i0:i1], k[:, :, k0:k1], v[:, :, k0:k1],
-                                             lam, mask, scale, i0, i1, k0, k1, sizes)
+            if k1 <= k0:
+                continue  # no row of this block sees any key: zeros
+            _, _, _, p_sig, p_noise = _probs(qs[:, :, i0:i1], qn[:, :, i0:i1], k[:, :, k0:k1], mask, scale,
+                                             i0, i1, k0, k1, sizes)
+            a = p_sig.addcmul_(p_noise.unsqueeze(3), lam_w, value=-1.0)  # A_sig - λ·A_noise, (B, P, m, r, bq, kl)
+            o = a.flatten(2, 4) @ v[:, :, k0:k1].to(work)  # (B, P, m*r*bq, 2d)
+            out[:, :, :, i0:i1] = o.view(b, p, ns // p, i1 - i0, 2 * d)
         ctx.save_for_backward(qs, qn, k, v, lam)
         ctx.blocks, ctx.mask, ctx.scale, ctx.sizes = blocks, mask, scale, sizes
         return out.flatten(1, 2)  # (B, N_s, Lq, 2d)
@@ -201,25 +202,37 @@ class _ChunkedGrouped(torch.autograd.Function):
         qs, qn, k, v, lam = ctx.saved_tensors
         sizes, p = ctx.sizes, ctx.sizes[2]
         work = _work(qs.dtype)
-        grads = [torch.zeros_like(t, dtype=work) for t in (qs, qn, k, v, lam)]
-        go = grad_out.unflatten(1, (p, qs.shape[1] // p))  # (B, P, m*r, Lq, 2d)
+        ns, n_noise, _, r = sizes
+        m = n_noise // p
+        b, _, _, d = qs.shape
+        dqs, dqn = torch.zeros_like(qs, dtype=work), torch.zeros_like(qn, dtype=work)
+        dk, dv = torch.zeros_like(k, dtype=work), torch.zeros_like(v, dtype=work)
+        dlam = torch.zeros(p, m, r, dtype=work, device=qs.device)
+        dk_pairs = dk.unflatten(1, (p, 2))  # (B, P, 2, Lk, d), a view
+        lam_w = lam.to(work).view(1, p, m, r, 1, 1)
+        go = grad_out.unflatten(1, (p, m * r))  # (B, P, m*r, Lq, 2d)
         for i0, i1, k0, k1 in ctx.blocks:
             if k1 <= k0:
                 continue
-            # Recompute the block's maps (as FlashAttention recomputes its tiles) and differentiate
-            # them locally: training memory stays O(block * Lk).
-            leaves = [t.detach().requires_grad_() for t in
-                      (qs[:, :, i0:i1], qn[:, :, i0:i1], k[:, :, k0:k1], v[:, :, k0:k1], lam)]
-            with torch.enable_grad():
-                o = _block(*leaves, ctx.mask, ctx.scale, i0, i1, k0, k1, sizes)
-                g = torch.autograd.grad(o, leaves, go[:, :, :, i0:i1])
-            grads[0][:, :, i0:i1] += g[0]
-            grads[1][:, :, i0:i1] += g[1]
-            grads[2][:, :, k0:k1] += g[2]
-            grads[3][:, :, k0:k1] += g[3]
-            grads[4] += g[4]
-        dqs, dqn, dk, dv, dlam = (gr.to(t.dtype) for gr, t in zip(grads, (qs, qn, k, v, lam), strict=True))
-        return dqs, dqn, dk, dv, dlam, None, None, None, None
+            bq = i1 - i0
+            # Recompute the block's maps (as FlashAttention recomputes its tiles): memory O(block * Lk).
+            qs_rows, qn_rows, kp, p_sig, p_noise = _probs(qs[:, :, i0:i1], qn[:, :, i0:i1], k[:, :, k0:k1],
+                                                          ctx.mask, ctx.scale, i0, i1, k0, k1, sizes)
+            dob = go[:, :, :, i0:i1].to(work).flatten(2, 3)  # (B, P, m*r*bq, 2d)
+            a = torch.addcmul(p_sig, p_noise.unsqueeze(3), lam_w, value=-1.0)  # (B, P, m, r, bq, kl)
+            dv[:, :, k0:k1] += a.flatten(2, 4).transpose(-1, -2) @ dob
+            da = (dob @ v[:, :, k0:k1].to(work).transpose(-1, -2)).view_as(p_sig)  # dA, (B, P, m, r, bq, kl)
+            dlam -= (da * p_noise.unsqueeze(3)).sum(dim=(0, 4, 5))
+            ds_sig = p_sig * (da - (da * p_sig).sum(-1, keepdim=True))
+            dp_noise = -(da * lam_w).sum(3)  # (B, P, m, bq, kl): the r signal heads' share, summed
+            ds_noise = p_noise * (dp_noise - (dp_noise * p_noise).sum(-1, keepdim=True))
+            ds_sig, ds_noise = ds_sig.flatten(2, 4), ds_noise.flatten(2, 3)  # (B, P, m*r*bq, kl), (B, P, m*bq, kl)
+            dqs[:, :, i0:i1] = (ds_sig @ kp[:, :, 0] * ctx.scale).view(b, p, m * r, bq, d).flatten(1, 2)
+            dqn[:, :, i0:i1] = (ds_noise @ kp[:, :, 1] * ctx.scale).view(b, p, m, bq, d).flatten(1, 2)
+            dk_pairs[:, :, 0, k0:k1] += ds_sig.transpose(-1, -2) @ qs_rows  # the rows carry the scale already
+            dk_pairs[:, :, 1, k0:k1] += ds_noise.transpose(-1, -2) @ qn_rows
+        return (dqs.to(qs.dtype), dqn.to(qn.dtype), dk.to(k.dtype), dv.to(v.dtype), dlam.flatten().to(lam.dtype),
+                None, None, None, None)
 
 
 def chunked_grouped(qs, qn, k, v, lam, mask: AttentionMask, scale: float, block: int | None = None):
