@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache
+from ..cache import KVCache, transaction
 from ..layers import MultiheadDiffAttn, project_qkv
 from ..masks import prepare_mask
 from ..ops.reference import diff_attention_maps, softmax_or_zero
@@ -79,10 +79,9 @@ class StandardAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=False, **kw)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=False, **kw)
 
-    def _qkv(self, x, rel_pos, position_ids, cache, attn_mask=None):
+    def _qkv(self, x, rel_pos, position_ids, cache):
         """q ``(B, H, L, d)`` and every key/value ``(B, Hkv, S, d)``, after RoPE and the cache."""
-        return project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads,
-                           v_width=self.head_dim, attn_mask=attn_mask)
+        return project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads, v_width=self.head_dim)
 
     def forward(
         self,
@@ -94,16 +93,17 @@ class StandardAttention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """``x (B, L, E) -> (B, L, E)``; ``attn_mask`` broadcastable to ``(B, H, L, len(cache) + L)``."""
-        q, k, v = self._qkv(x, rel_pos, position_ids, cache, attn_mask)
-        b, length = x.shape[:2]
-        mask = prepare_mask(attn_mask, is_causal=self.causal, batch=b, heads=self.num_heads,
-                            lq=length, lk=k.shape[2], dtype=q.dtype)
-        sdpa_mask, is_causal = mask.sdpa_args(q.device)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=sdpa_mask, is_causal=is_causal, scale=self.scaling,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, H, L, d)
-        return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+        with transaction(cache):  # a call that raises leaves the cache as it was
+            q, k, v = self._qkv(x, rel_pos, position_ids, cache)
+            b, length = x.shape[:2]
+            mask = prepare_mask(attn_mask, is_causal=self.causal, batch=b, heads=self.num_heads,
+                                lq=length, lk=k.shape[2], dtype=q.dtype)
+            sdpa_mask, is_causal = mask.sdpa_args(q.device)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=sdpa_mask, is_causal=is_causal, scale=self.scaling,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )  # (B, H, L, d)
+            return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
