@@ -179,6 +179,11 @@ def test_bad_inputs_raise_value_errors_and_leave_cache():
         with pytest.raises(ValueError, match="attn_mask"):
             m(x[:, :1], attn_mask=torch.ones(1, 1, 1, 3, dtype=torch.bool), cache=cache)
     assert len(cache) == 5
+    keys = cache.keys().clone()
+    m.impl = "chunked"
+    with pytest.raises(ValueError, match="cannot run these inputs"):  # refused after the cache write
+        m(x[:, :1], attn_mask=torch.zeros(1, 1, 1, 6, dtype=torch.float64, requires_grad=True), cache=cache)
+    assert len(cache) == 5 and torch.equal(cache.keys(), keys)
     qs, qn = torch.randn(1, 4, 3, 8), torch.randn(1, 3, 3, 8)
     with pytest.raises(ValueError, match="multiple"):
         grouped_diff_attention(qs, qn, torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 16), 0.5)

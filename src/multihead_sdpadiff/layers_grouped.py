@@ -7,9 +7,8 @@ import math
 import torch
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, transaction
 from .layers import RMSNorm, _check_positive_int, check_position_ids, check_rel_pos
-from .masks import prepare_mask
 from .ops.grouped import IMPLS_GROUPED, grouped_diff_attention
 from .rotary import apply_rotary_emb
 
@@ -204,13 +203,11 @@ class GroupedDiffAttn(nn.Module):
         q_sig, q_noise = self.split_heads(q)
         q_sig, q_noise = q_sig.transpose(1, 2), q_noise.transpose(1, 2)  # (B, N_s, L, d), (B, N_n, L, d)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, 2P, L, d), (B, P, L, 2d)
-        if cache is not None:
-            if attn_mask is not None:  # refuse a bad mask before the cache is written
-                prepare_mask(attn_mask, is_causal=False, batch=b, heads=self.num_noise_heads, lq=length,
-                             lk=past + length, dtype=q.dtype, device=q.device)
-            k, v = cache.update(k, v)
-        out = grouped_diff_attention(q_sig, q_noise, k, v, self.lambda_full(), attn_mask=attn_mask,
-                                     is_causal=self.causal, scale=self.scaling, impl=self.impl)  # (B, N_s, L, 2d)
+        with transaction(cache):  # a call that raises (a bad mask, a refused impl) leaves the cache as it was
+            if cache is not None:
+                k, v = cache.update(k, v)
+            out = grouped_diff_attention(q_sig, q_noise, k, v, self.lambda_full(), attn_mask=attn_mask,
+                                         is_causal=self.causal, scale=self.scaling, impl=self.impl)  # (B, N_s, L, 2d)
         out = self.subln(out) * (1 - self.lambda_init)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, self.num_signal_heads * 2 * d))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, transaction
 from .layers import RMSNorm, _check_positive_int, lambda_init_fn
 from .masks import prepare_mask
 from .ops import IMPLS, diff_attention
@@ -171,33 +171,34 @@ class Phi4FlashDiffAttention(nn.Module):
         mask = prepare_mask(attn_mask, is_causal=True, batch=b, heads=self.num_heads, lq=length, lk=lk,
                             dtype=x.dtype, device=x.device).tensor  # validated before any cache write
 
-        proj = self.Wqkv(x)
-        q = proj[..., :e].view(b, length, 2 * self.num_heads, d).transpose(1, 2)  # (B, 2H, L, d)
-        if self.yoco_cross:
-            k, v = cache.keys(), cache.values()  # (B, 2Hkv, Lk, d), (B, Hkv, Lk, 2d)
-        else:
-            kv = 2 * self.num_kv_heads * d
-            k = proj[..., e: e + kv].view(b, length, 2 * self.num_kv_heads, d).transpose(1, 2)
-            v = proj[..., e + kv:].view(b, length, self.num_kv_heads, 2 * d).transpose(1, 2)  # [v[2g] | v[2g+1]]
-            if cache is not None:
-                k, v = cache.update(k, v)
-        if self.sliding_window is not None:
-            band = sliding_window_mask(length, lk, self.sliding_window, x.device)  # (L, Lk)
-            if mask is None:
-                mask = band
-            elif mask.dtype == torch.bool:
-                mask = mask & band
+        with transaction(None if self.yoco_cross else cache):  # a call that raises leaves the cache as it was
+            proj = self.Wqkv(x)
+            q = proj[..., :e].view(b, length, 2 * self.num_heads, d).transpose(1, 2)  # (B, 2H, L, d)
+            if self.yoco_cross:
+                k, v = cache.keys(), cache.values()  # (B, 2Hkv, Lk, d), (B, Hkv, Lk, 2d)
             else:
-                mask = mask.masked_fill(~band, float("-inf"))
-        lam = self.lambda_full()
-        if self.bf16_attention:
-            q, k, v, lam = q.bfloat16(), k.bfloat16(), v.bfloat16(), lam.bfloat16()
-            if mask is not None and mask.is_floating_point():
-                mask = mask.bfloat16()
-        out = diff_attention(q, k, v, lam, attn_mask=mask, is_causal=True, scale=self.scaling,
-                             impl=self.impl).to(x.dtype)  # (B, H, L, 2d)
-        out = self.subln(out) * (1 - self.lambda_init)
-        return self.out_proj(out.transpose(1, 2).reshape(b, length, e))  # (B, H, L, 2d) -> (B, L, 40 * 64)
+                kv = 2 * self.num_kv_heads * d
+                k = proj[..., e: e + kv].view(b, length, 2 * self.num_kv_heads, d).transpose(1, 2)
+                v = proj[..., e + kv:].view(b, length, self.num_kv_heads, 2 * d).transpose(1, 2)  # [v[2g] | v[2g+1]]
+                if cache is not None:
+                    k, v = cache.update(k, v)
+            if self.sliding_window is not None:
+                band = sliding_window_mask(length, lk, self.sliding_window, x.device)  # (L, Lk)
+                if mask is None:
+                    mask = band
+                elif mask.dtype == torch.bool:
+                    mask = mask & band
+                else:
+                    mask = mask.masked_fill(~band, float("-inf"))
+            lam = self.lambda_full()
+            if self.bf16_attention:
+                q, k, v, lam = q.bfloat16(), k.bfloat16(), v.bfloat16(), lam.bfloat16()
+                if mask is not None and mask.is_floating_point():
+                    mask = mask.bfloat16()
+            out = diff_attention(q, k, v, lam, attn_mask=mask, is_causal=True, scale=self.scaling,
+                                 impl=self.impl).to(x.dtype)  # (B, H, L, 2d)
+            out = self.subln(out) * (1 - self.lambda_init)
+            return self.out_proj(out.transpose(1, 2).reshape(b, length, e))  # (B, H, L, 2d) -> (B, L, 40 * 64)
 
     def extra_repr(self) -> str:
         kind = "yoco_cross" if self.yoco_cross else (f"sliding_window={self.sliding_window}" if self.sliding_window
