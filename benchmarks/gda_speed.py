@@ -9,13 +9,14 @@ round) with ``torch.utils.benchmark.Timer`` at an explicit thread count; the scr
 and the median of the per-round ratios GDA / V1.
 
     python benchmarks/gda_speed.py [--n 1024 2048] [--signal 8] [--ratio 4] [--pairs 2] [--d 64]
-                                   [--threads 2] [--rounds 7] [--bwd]
+                                   [--threads 2] [--rounds 7] [--bwd] [--cpu-time]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 from torch.utils.benchmark import Timer
@@ -24,12 +25,21 @@ from multihead_sdpadiff import diff_attention
 from multihead_sdpadiff.ops.grouped import grouped_diff_attention
 
 
-def _timed(fns: dict, n_rounds: int, threads: int) -> dict:
+def _timed(fns: dict, n_rounds: int, threads: int, cpu_time: bool) -> dict:
     times = {k: [] for k in fns}
+    if cpu_time:  # the process's CPU seconds per call: what other jobs' load distorts least
+        torch.set_num_threads(1)
+        for fn in fns.values():
+            fn()  # warm-up
     for _ in range(n_rounds):
         for name, fn in fns.items():
-            times[name].append(Timer("fn()", globals={"fn": fn}, num_threads=threads)
-                               .blocked_autorange(min_run_time=0.3).median)
+            if cpu_time:
+                t0 = time.process_time()
+                fn()
+                times[name].append(time.process_time() - t0)
+            else:
+                times[name].append(Timer("fn()", globals={"fn": fn}, num_threads=threads)
+                                   .blocked_autorange(min_run_time=0.3).median)
     return times
 
 
@@ -43,12 +53,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--bwd", action="store_true", help="time forward + backward instead of forward")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="one thread, process CPU time per call (for a machine shared with other jobs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
     ns, r, pairs, d, dev = a.signal, a.ratio, a.pairs, a.d, a.device
     nn_ = ns // r
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {dev}, float32, {a.threads} threads, causal, N_s={ns} signal heads, "
+    clock = "1 thread, process CPU time" if a.cpu_time else f"{a.threads} threads, wall time"
+    print(f"torch {torch.__version__}, {dev}, float32, {clock}, causal, N_s={ns} signal heads, "
           f"r={r} (N_n={nn_}), P={pairs} kv pairs, d={d}, {'fwd+bwd' if a.bwd else 'fwd'}, impl=chunked")
     print(f"FLOPs per (query, key) and signal head: GDA (6 + 2/r)d = {6 + 2 / r:.2f}d, V1 8d: "
           f"ratio {(6 + 2 / r) / 8:.3f}")
@@ -81,7 +94,7 @@ def main() -> None:
                 torch.autograd.grad(out, (q1, k, v), g)
 
         with torch.inference_mode(not a.bwd):
-            times = _timed({"gda": gda, "v1": v1}, a.rounds, a.threads)
+            times = _timed({"gda": gda, "v1": v1}, a.rounds, a.threads, a.cpu_time)
         ratio = statistics.median(x / y for x, y in zip(times["gda"], times["v1"], strict=True))
         print(f"N={n:5d}  GDA median {statistics.median(times['gda']) * 1e3:8.2f} ms   "
               f"V1 ({ns} differential heads) median {statistics.median(times['v1']) * 1e3:8.2f} ms   "
