@@ -186,6 +186,11 @@ class MultiheadDiffAttn(nn.Module):
         causal: apply the causal mask (bottom-right aligned) in addition to any ``attn_mask``.
         norm_eps: eps of the per-head RMSNorm (``subln``), default 1e-5.
 
+    Attributes: ``num_heads`` is ``H = num_heads // 2`` (the differential heads, *not* the
+    constructor's count), ``num_kv_heads`` is ``Hkv = num_kv_heads // 2``, ``head_dim`` is ``d``.
+    unilm's ``MultiheadDiffAttn`` takes these halved counts as its arguments: pass twice its
+    ``num_heads`` (and kv heads) here to load its checkpoints.
+
     Parameters (the names and shapes of unilm's and the original project's checkpoints):
     ``q_proj`` (E → E), ``k_proj`` and ``v_proj`` (E → E·Hkv/H), ``out_proj`` (E → E), all without
     bias; ``lambda_q1``, ``lambda_k1``, ``lambda_q2``, ``lambda_k2`` of shape ``(head_dim,)``;
@@ -287,7 +292,8 @@ class MultiheadDiffAttn(nn.Module):
     ) -> torch.Tensor:
         """Args:
             x: ``(B, L, embed_dim)``.
-            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; row ``p`` holds
+            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; ``None`` (the
+                default) applies no RoPE at all. Row ``p`` holds
                 absolute position ``p``. Applied GPT-J style (interleaved) to q and k.
             attn_mask: optional bool (True = may attend) or additive float mask broadcastable to
                 ``(B, H, L, Lk)`` with ``H = num_heads // 2`` and ``Lk = len(cache) + L`` (``L``
