@@ -159,6 +159,12 @@ def test_x_of_another_dtype_or_device(layer):
         m(torch.randn(1, 3, 32, device="meta"))
 
 
+def test_autocast_still_accepts_x_of_another_dtype():
+    m = MultiheadDiffAttn(32, 0, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(torch.randn(1, 3, 32, dtype=torch.bfloat16)).shape == (1, 3, 32)
+
+
 @pytest.mark.parametrize("layer", [*LAYERS, "model"])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float32"])
 def test_layer_dtype_argument(layer, dtype):

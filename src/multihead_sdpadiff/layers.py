@@ -116,7 +116,8 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
     if x.dim() != 3 or x.shape[-1] != module.embed_dim:
         raise ValueError(f"x must be (B, L, embed_dim={module.embed_dim}), got shape {tuple(x.shape)}")
     weight = module.q_proj.weight
-    if x.dtype != weight.dtype:
+    # Under autocast the projections cast x themselves, so any floating x is fine there.
+    if x.dtype != weight.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
         raise ValueError(f"x must have the layer's dtype {weight.dtype}, got {x.dtype} (cast x or the layer with .to())")
     if x.device != weight.device:
         raise ValueError(f"x must be on the layer's device {weight.device}, got {x.device}")
