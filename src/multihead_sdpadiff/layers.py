@@ -116,7 +116,8 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
     if x.dim() != 3 or x.shape[-1] != module.embed_dim:
         raise ValueError(f"x must be (B, L, embed_dim={module.embed_dim}), got shape {tuple(x.shape)}")
     weight = module.q_proj.weight
-    if x.dtype != weight.dtype:
+    # Under autocast the projections cast x themselves, so any floating x is fine there.
+    if x.dtype != weight.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
         raise ValueError(f"x must have the layer's dtype {weight.dtype}, got {x.dtype} (cast x or the layer with .to())")
     if x.device != weight.device:
         raise ValueError(f"x must be on the layer's device {weight.device}, got {x.device}")
@@ -185,6 +186,11 @@ class MultiheadDiffAttn(nn.Module):
             through the ``impl`` attribute.
         causal: apply the causal mask (bottom-right aligned) in addition to any ``attn_mask``.
         norm_eps: eps of the per-head RMSNorm (``subln``), default 1e-5.
+
+    Attributes: ``num_heads`` is ``H = num_heads // 2`` (the differential heads, *not* the
+    constructor's count), ``num_kv_heads`` is ``Hkv = num_kv_heads // 2``, ``head_dim`` is ``d``.
+    unilm's ``MultiheadDiffAttn`` takes these halved counts as its arguments: pass twice its
+    ``num_heads`` (and kv heads) here to load its checkpoints.
 
     Parameters (the names and shapes of unilm's and the original project's checkpoints):
     ``q_proj`` (E → E), ``k_proj`` and ``v_proj`` (E → E·Hkv/H), ``out_proj`` (E → E), all without
@@ -287,7 +293,8 @@ class MultiheadDiffAttn(nn.Module):
     ) -> torch.Tensor:
         """Args:
             x: ``(B, L, embed_dim)``.
-            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; row ``p`` holds
+            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; ``None`` (the
+                default) applies no RoPE at all. Row ``p`` holds
                 absolute position ``p``. Applied GPT-J style (interleaved) to q and k.
             attn_mask: optional bool (True = may attend) or additive float mask broadcastable to
                 ``(B, H, L, Lk)`` with ``H = num_heads // 2`` and ``Lk = len(cache) + L`` (``L``

@@ -115,7 +115,8 @@ class MultiheadDiffAttnV2(nn.Module):
     ) -> torch.Tensor:
         """Args:
             x: ``(B, L, embed_dim)``.
-            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; row ``p`` holds
+            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; ``None`` (the
+                default) applies no RoPE at all. Row ``p`` holds
                 absolute position ``p``. Applied GPT-J style (interleaved), as the authors do, to
                 all ``2H`` query maps and the ``Hkv`` key heads (not to v).
             attn_mask: optional bool (True = may attend) or additive float mask broadcastable to
