@@ -191,8 +191,9 @@ def free_port() -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--text", help="a UTF-8 text file (default: a generated corpus)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--text", help="a UTF-8 text file (default: %(default)s, a generated corpus)")
     p.add_argument("--attention", default="diff", choices=["diff", "diff_v2", "standard"])
     p.add_argument("--embed-dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -213,6 +214,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="Where is a map? ")
     p.add_argument("--sample-tokens", type=int, default=80)
     p.add_argument("--no-bar", action="store_true", help="no progress bar, even with tqdm installed")
+    for action in p._actions:  # --help shows every default, also where there is no help text
+        if action.help is None and action.default is not None:
+            action.help = "default: %(default)s"
     args = p.parse_args(argv)
     if args.ddp < 1 or args.batch % args.ddp:
         p.error(f"--batch {args.batch} must be a multiple of --ddp {args.ddp}")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .cache import KVCache, transaction
-from .layers import _check_positive_int, project_qkv
+from .layers import _check_positive_int, check_dtype, project_qkv
 from .ops.v2 import IMPLS_V2, diff_attention_v2
 
 __all__ = ["MultiheadDiffAttnV2"]
@@ -68,6 +68,7 @@ class MultiheadDiffAttnV2(nn.Module):
         _check_positive_int("head_dim", head_dim)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        check_dtype(dtype)
 
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -114,7 +115,8 @@ class MultiheadDiffAttnV2(nn.Module):
     ) -> torch.Tensor:
         """Args:
             x: ``(B, L, embed_dim)``.
-            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; row ``p`` holds
+            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; ``None`` (the
+                default) applies no RoPE at all. Row ``p`` holds
                 absolute position ``p``. Applied GPT-J style (interleaved), as the authors do, to
                 all ``2H`` query maps and the ``Hkv`` key heads (not to v).
             attn_mask: optional bool (True = may attend) or additive float mask broadcastable to

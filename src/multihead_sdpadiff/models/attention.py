@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache, transaction
-from ..layers import MultiheadDiffAttn, project_qkv
+from ..layers import MultiheadDiffAttn, check_dtype, project_qkv
 from ..masks import prepare_mask
 from ..ops.reference import diff_attention_maps, softmax_or_zero
 from ..rotary import apply_rotary_emb
@@ -66,6 +66,9 @@ class StandardAttention(nn.Module):
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads}")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        check_dtype(dtype)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
