@@ -147,5 +147,7 @@ def test_bad_calls_raise_and_leave_the_cache():
         with pytest.raises(ValueError, match="at least L=5"):
             cross(torch.randn(1, 5, E, dtype=F64), cache=cache)
     assert len(cache) == 4
+    with pytest.raises(TypeError, match="layer_idx"):
+        Phi4FlashDiffAttention(E, HEADS, KV, layer_idx=1.0)
     with pytest.raises(ValueError, match="sliding_window"):
         Phi4FlashDiffAttention(E, HEADS, KV, layer_idx=0, sliding_window=4, yoco_cross=True)

@@ -106,3 +106,5 @@ def test_bad_state_dicts_and_arguments_raise():
         from_timm(sd, dim=DIM, num_heads=HEADS, norm_layer=torch.nn.LayerNorm)
     with pytest.raises(ValueError, match="divisible"):
         VisionDiffAttn(50, 3)
+    with pytest.raises(TypeError, match="depth"):
+        VisionDiffAttn(DIM, HEADS, depth=1.5)

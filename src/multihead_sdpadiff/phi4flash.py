@@ -77,8 +77,10 @@ class Phi4FlashDiffAttention(nn.Module):
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
             _check_positive_int(name, value)
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
-            raise ValueError(f"layer_idx must be an int >= 0 (index among all decoder layers), got {layer_idx!r}")
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
+            raise TypeError(f"layer_idx must be an int (index among all decoder layers), got {type(layer_idx).__name__}")
+        if layer_idx < 0:
+            raise ValueError(f"layer_idx must be >= 0 (index among all decoder layers), got {layer_idx}")
         if num_heads % 2 or num_kv_heads % 2:
             raise ValueError(f"num_heads {num_heads} and num_kv_heads {num_kv_heads} must be even (two maps per head)")
         if num_heads % num_kv_heads:

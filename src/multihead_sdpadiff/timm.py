@@ -56,8 +56,10 @@ class VisionDiffAttn(nn.Module):
         super().__init__()
         _check_positive_int("dim", dim)
         _check_positive_int("num_heads", num_heads)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+        if isinstance(depth, bool) or not isinstance(depth, int):
+            raise TypeError(f"depth must be an int (block index), got {type(depth).__name__}")
+        if depth < 0:
+            raise ValueError(f"depth must be >= 0, got {depth}")
         if dim % (2 * num_heads):
             raise ValueError(f"dim {dim} must be divisible by 2 * num_heads = {2 * num_heads} (two maps per head)")
         for name, value in (("qkv_bias", qkv_bias), ("proj_bias", proj_bias), ("qk_norm", qk_norm),
