@@ -12,6 +12,7 @@ error instead of a hang (test_a_failing_rank_is_reported).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from datetime import timedelta
@@ -343,3 +344,27 @@ def test_a_failing_rank_is_reported(tmp_path):
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 fails on purpose"):
         mp.spawn(_failing_worker, args=(str(tmp_path),), nprocs=2, join=True)
     assert time.monotonic() - start < 60  # the waiting rank was ended, not left to hang
+
+
+def test_train_example_cp2_and_tp2_match_one_process(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+    spec = importlib.util.spec_from_file_location("train_example", path)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    text = tmp_path / "tiny.txt"
+    text.write_text(train.make_corpus(3000, seed=1))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(SRC).parent), os.environ.get("PYTHONPATH", "")])
+    base = ["--text", str(text), "--embed-dim", "32", "--layers", "1", "--heads", "4", "--seq-len", "24",
+            "--batch", "2", "--steps", "3", "--warmup", "1", "--log-every", "1", "--eval-every", "3",
+            "--eval-batches", "1", "--sample-tokens", "0", "--no-bar"]
+    curves = {}
+    for name, extra in (("one", []), ("cp2", ["--cp", "2"]), ("tp2", ["--tp", "2"])):
+        train.main([*base, "--out", str(tmp_path / name), *extra])
+        curves[name] = json.loads((tmp_path / f"{name}.json").read_text())["history"]
+    assert len(curves["one"]) == 3 and "val_loss" in curves["one"][-1]
+    for name in ("cp2", "tp2"):  # losses are logged to 4 decimals
+        for got, want in zip(curves[name], curves["one"], strict=True):
+            assert got["train_loss"] == pytest.approx(want["train_loss"], abs=2e-4), name
+            assert got.get("val_loss") == pytest.approx(want.get("val_loss"), abs=2e-4), name

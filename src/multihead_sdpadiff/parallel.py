@@ -210,8 +210,8 @@ def shard_sequence(t: torch.Tensor, cp_mesh: DeviceMesh, dim: int = 1) -> torch.
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be a tensor, got {type(t).__name__}")
     world, rank = mesh.size(), mesh.get_local_rank()
-    chunks = t.chunk(2 * world, dim) if t.shape[dim] else ()
     _zigzag_check(t.shape[dim], world, f"sequence length (dim {dim})")
+    chunks = t.chunk(2 * world, dim)
     return torch.cat((chunks[rank], chunks[2 * world - 1 - rank]), dim)
 
 
