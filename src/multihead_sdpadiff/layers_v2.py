@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cache import KVCache
-from .layers import _check_positive_int, project_qkv
+from .cache import KVCache, transaction
+from .layers import _check_positive_int, check_dtype, project_qkv
 from .ops.v2 import IMPLS_V2, diff_attention_v2
 
 __all__ = ["MultiheadDiffAttnV2"]
@@ -68,6 +68,7 @@ class MultiheadDiffAttnV2(nn.Module):
         _check_positive_int("head_dim", head_dim)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        check_dtype(dtype)
 
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -136,14 +137,15 @@ class MultiheadDiffAttnV2(nn.Module):
 
         Returns ``(B, L, embed_dim)``.
         """
-        q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads,
-                              v_width=self.head_dim, attn_mask=attn_mask)  # (B, 2H, L, d), (B, Hkv, Lk, d) each
-        b, length = x.shape[:2]
-        out = self._attend(
-            q, k, v, self.lambda_full(x), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling,
-            impl=self.impl,
-        )  # (B, H, L, d)
-        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))  # -1: H * d, local under TP
+        with transaction(cache):  # a call that raises leaves the cache as it was
+            q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads,
+                                  v_width=self.head_dim)  # (B, 2H, L, d), (B, Hkv, Lk, d) each
+            b, length = x.shape[:2]
+            out = self._attend(
+                q, k, v, self.lambda_full(x), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling,
+                impl=self.impl,
+            )  # (B, H, L, d)
+            return self.o_proj(out.transpose(1, 2).reshape(b, length, out.shape[1] * out.shape[3]))  # local H under TP
 
     def extra_repr(self) -> str:
         return (

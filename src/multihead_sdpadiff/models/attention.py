@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache
-from ..layers import MultiheadDiffAttn, project_qkv
+from ..cache import KVCache, transaction
+from ..layers import MultiheadDiffAttn, check_dtype, project_qkv
 from ..masks import prepare_mask
 from ..ops.reference import diff_attention_maps, softmax_or_zero
 from ..rotary import apply_rotary_emb
@@ -66,6 +66,9 @@ class StandardAttention(nn.Module):
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads}")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        check_dtype(dtype)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -79,10 +82,9 @@ class StandardAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=False, **kw)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=False, **kw)
 
-    def _qkv(self, x, rel_pos, position_ids, cache, attn_mask=None):
+    def _qkv(self, x, rel_pos, position_ids, cache):
         """q ``(B, H, L, d)`` and every key/value ``(B, Hkv, S, d)``, after RoPE and the cache."""
-        return project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads,
-                           v_width=self.head_dim, attn_mask=attn_mask)
+        return project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads, v_width=self.head_dim)
 
     def forward(
         self,
@@ -94,16 +96,17 @@ class StandardAttention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """``x (B, L, E) -> (B, L, E)``; ``attn_mask`` broadcastable to ``(B, H, L, len(cache) + L)``."""
-        q, k, v = self._qkv(x, rel_pos, position_ids, cache, attn_mask)
-        b, length = x.shape[:2]
-        mask = prepare_mask(attn_mask, is_causal=self.causal, batch=b, heads=self.num_heads,
-                            lq=length, lk=k.shape[2], dtype=q.dtype)
-        sdpa_mask, is_causal = mask.sdpa_args(q.device)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=sdpa_mask, is_causal=is_causal, scale=self.scaling,
-            enable_gqa=q.shape[1] != k.shape[1],  # local head counts under TP
-        )  # (B, H, L, d)
-        return self.out_proj(out.transpose(1, 2).reshape(b, length, -1))  # -1: H * d, local under TP
+        with transaction(cache):  # a call that raises leaves the cache as it was
+            q, k, v = self._qkv(x, rel_pos, position_ids, cache)
+            b, length = x.shape[:2]
+            mask = prepare_mask(attn_mask, is_causal=self.causal, batch=b, heads=self.num_heads,
+                                lq=length, lk=k.shape[2], dtype=q.dtype)
+            sdpa_mask, is_causal = mask.sdpa_args(q.device)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=sdpa_mask, is_causal=is_causal, scale=self.scaling,
+                enable_gqa=q.shape[1] != k.shape[1],  # local head counts under TP
+            )  # (B, H, L, d)
+            return self.out_proj(out.transpose(1, 2).reshape(b, length, out.shape[1] * out.shape[3]))  # local H under TP
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
