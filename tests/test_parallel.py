@@ -174,6 +174,15 @@ def _worker(rank, world, out_dir, src):
             res["tp2.v2"] = _tp_layer_case(make_v2, world_mesh)
             for attention in ("diff", "diff_v2", "standard"):
                 res[f"tp2.lm.{attention}"] = _tp_lm_case(world_mesh, attention)
+            # Decoding on the KV cache: each rank caches its own heads.
+            model = tensor_parallel(make_lm(), world_mesh)
+            prompt = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(4))
+            res["tp2.generate"] = model.generate(prompt, 8, temperature=0)
+            try:
+                model(prompt, return_attention=True)
+                res["tp2.maps"] = "no error"
+            except ValueError as exc:
+                res["tp2.maps"] = str(exc)
             # A mesh the kv groups do not divide: ValueError, module unchanged.
             bad = MultiheadDiffAttn(16, 0, 4, 2)  # Hkv = 1
             before = {n: type(p) for n, p in bad.named_parameters()}
@@ -280,6 +289,12 @@ def test_tp2_layers_equal_one_process(two):
 @pytest.mark.parametrize("attention", ["diff", "diff_v2", "standard"])
 def test_tp2_transformer_trains_like_one_process(two, attention):
     _expect_lm(two[f"tp2.lm.{attention}"], 12, attention)
+
+
+def test_tp2_generate_equals_one_process_and_maps_are_refused(two):
+    prompt = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(two["tp2.generate"], make_lm().generate(prompt, 8, temperature=0))
+    assert "return_attention is not supported under tensor_parallel" in two["tp2.maps"]
 
 
 def test_tp_mesh_the_heads_do_not_divide_is_a_value_error(two):

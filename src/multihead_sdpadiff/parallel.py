@@ -153,6 +153,13 @@ def _tp_attention(attn: nn.Module, mesh: DeviceMesh) -> None:
     attn._sdpadiff_tp = mesh
 
 
+def _tp_lm_pre_hook(module, args, kwargs):
+    if kwargs.get("return_attention"):
+        raise ValueError("return_attention is not supported under tensor_parallel: the maps are recomputed "
+                         "with every head, and a rank holds only its own")
+    return args, kwargs
+
+
 def tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     """Split ``module``'s heads (and a DiffTransformer's SwiGLU) over ``tp_mesh``, in place; return it.
 
@@ -168,7 +175,8 @@ def tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
 
     Afterwards the module takes the same (replicated) inputs and returns the same outputs as
     before on every rank; the projection weights become DTensors sharded over the mesh (the plan
-    is in the module docstring). Masks must broadcast over heads (head dim 1). For a 2-D
+    is in the module docstring). Masks must broadcast over heads (head dim 1). ``generate`` and
+    the KV cache work (each rank caches its own heads); ``return_attention`` is refused. For a 2-D
     ``dp × tp`` mesh apply this on ``mesh["tp"]`` first, then ``fully_shard(..., mesh=mesh["dp"])``.
     """
     if not isinstance(module, nn.Module):
@@ -183,6 +191,7 @@ def tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
             _tp_attention(block.attn, mesh)
             parallelize_module(block.ffn, mesh, {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(),
                                                  "down_proj": RowwiseParallel()})
+        module.register_forward_pre_hook(_tp_lm_pre_hook, with_kwargs=True)
         return module
     _tp_degree_check(module, p)
     _tp_attention(module, mesh)
