@@ -128,10 +128,12 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
     past = len(cache) if cache is not None else 0
     position_ids = check_position_ids(position_ids, b, length)
 
-    # Explicit sizes (no -1), so that an empty x (B = 0 or L = 0) reshapes too.
-    q = module.q_proj(x).view(b, length, module.q_proj.out_features // d, d)
-    k = module.k_proj(x).view(b, length, k_maps, d)
-    v = module.v_proj(x).view(b, length, module.num_kv_heads, v_width)
+    # Sizes from each projection's output (no -1, so that an empty x reshapes too): under tensor
+    # parallelism (parallel.py) a rank's projections hold a slice of the maps.
+    q, k, v = module.q_proj(x), module.k_proj(x), module.v_proj(x)
+    q = q.view(b, length, q.shape[-1] // d, d)
+    k = k.view(b, length, k.shape[-1] // d, d)
+    v = v.view(b, length, v.shape[-1] // v_width, v_width)
     if rel_pos is not None:
         cos, sin = check_rel_pos(rel_pos, d, past + length if position_ids is None else None, x.device)
         q = apply_rotary_emb(q, cos, sin, True, past, position_ids=position_ids)
@@ -270,6 +272,10 @@ class MultiheadDiffAttn(nn.Module):
             raise ValueError(f"impl must be one of {IMPLS}, got {value!r}")
         self._impl = value
 
+    # The attention core, called with diff_attention's arguments; context_parallel (parallel.py)
+    # replaces it on an instance with one that gathers keys and values over the sequence shards.
+    _attend = staticmethod(diff_attention)
+
     def reset_lambda_parameters(self) -> None:
         for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
             nn.init.normal_(p, mean=0.0, std=0.1)
@@ -313,12 +319,12 @@ class MultiheadDiffAttn(nn.Module):
             q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=2 * self.num_kv_heads,
                                   v_width=2 * self.head_dim)  # (B, 2H, L, d), (B, 2Hkv, Lk, d), (B, Hkv, Lk, 2d)
             b, length = x.shape[:2]
-            out = diff_attention(
+            out = self._attend(
                 q, k, v, self.lambda_full(), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling,
                 impl=self.impl,
             )  # (B, H, L, 2d)
             out = self.subln(out) * (1 - self.lambda_init)
-            return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+            return self.out_proj(out.transpose(1, 2).reshape(b, length, out.shape[1] * out.shape[3]))  # local H under TP
 
     def extra_repr(self) -> str:
         return (

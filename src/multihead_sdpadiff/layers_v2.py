@@ -97,6 +97,10 @@ class MultiheadDiffAttnV2(nn.Module):
             raise ValueError(f"impl must be one of {IMPLS_V2}, got {value!r}")
         self._impl = value
 
+    # The attention core, called with diff_attention_v2's arguments; context_parallel (parallel.py)
+    # replaces it on an instance with one that gathers keys and values over the sequence shards.
+    _attend = staticmethod(diff_attention_v2)
+
     def lambda_full(self, x: torch.Tensor) -> torch.Tensor:
         """λ = sigmoid(lambda_proj(x)) as ``(B, H, L)``: the projection runs in the module dtype, the
         sigmoid in float32 (float64 for float64 input)."""
@@ -138,11 +142,11 @@ class MultiheadDiffAttnV2(nn.Module):
             q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads,
                                   v_width=self.head_dim)  # (B, 2H, L, d), (B, Hkv, Lk, d) each
             b, length = x.shape[:2]
-            out = diff_attention_v2(
+            out = self._attend(
                 q, k, v, self.lambda_full(x), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling,
                 impl=self.impl,
             )  # (B, H, L, d)
-            return self.o_proj(out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim))
+            return self.o_proj(out.transpose(1, 2).reshape(b, length, out.shape[1] * out.shape[3]))  # local H under TP
 
     def extra_repr(self) -> str:
         return (

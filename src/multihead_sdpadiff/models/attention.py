@@ -104,9 +104,9 @@ class StandardAttention(nn.Module):
             sdpa_mask, is_causal = mask.sdpa_args(q.device)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=sdpa_mask, is_causal=is_causal, scale=self.scaling,
-                enable_gqa=self.num_kv_heads != self.num_heads,
+                enable_gqa=q.shape[1] != k.shape[1],  # local head counts under TP
             )  # (B, H, L, d)
-            return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+            return self.out_proj(out.transpose(1, 2).reshape(b, length, out.shape[1] * out.shape[3]))  # local H under TP
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
