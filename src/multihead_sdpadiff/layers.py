@@ -32,7 +32,9 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5, *, device=None, dtype=None):
         super().__init__()
-        self.eps = eps
+        check_eps("eps", eps)
+        check_dtype(dtype)
+        self.eps = float(eps)
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +47,25 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def check_rel_pos(rel_pos, head_dim: int, needed: int | None):
+def check_eps(name: str, eps) -> None:
+    """An RMSNorm eps: a positive finite number (0 gives NaN on a row of zeros, e.g. one that sees no key)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(eps).__name__}")
+    if not 0 < eps < math.inf:
+        raise ValueError(f"{name} must be positive and finite (0 gives NaN on an all-zero row), got {eps}")
+
+
+def check_dtype(dtype) -> None:
+    """A module's ``dtype=`` argument: None or a floating torch.dtype."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype (float32, bfloat16, ...), got {dtype}")
+
+
+def check_rel_pos(rel_pos, head_dim: int, needed: int | None, device: torch.device | None = None):
     """Validate a ``(cos, sin)`` pair of ``(seqlen_ro, head_dim / 2)`` tables covering ``needed`` positions."""
     if not isinstance(rel_pos, (tuple, list)) or len(rel_pos) != 2:
         raise TypeError("rel_pos must be a (cos, sin) pair of tensors")
@@ -58,6 +78,10 @@ def check_rel_pos(rel_pos, head_dim: int, needed: int | None):
             f"rel_pos cos and sin must each be (seqlen_ro, head_dim / 2 = {want}), "
             f"got {tuple(cos.shape)} and {tuple(sin.shape)}"
         )
+    if not cos.is_floating_point() or not sin.is_floating_point():
+        raise ValueError(f"rel_pos cos and sin must be floating tables, got dtypes {cos.dtype} and {sin.dtype}")
+    if device is not None and (cos.device != device or sin.device != device):
+        raise ValueError(f"rel_pos cos and sin must be on x's device {device}, got {cos.device} and {sin.device}")
     if needed is not None and cos.shape[0] < needed:
         raise ValueError(f"rel_pos covers {cos.shape[0]} positions, need at least {needed}")
     return cos, sin
@@ -68,7 +92,7 @@ def check_position_ids(position_ids, batch: int, length: int):
         return None
     if not isinstance(position_ids, torch.Tensor):
         raise TypeError(f"position_ids must be a tensor or None, got {type(position_ids).__name__}")
-    if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+    if position_ids.dtype.is_floating_point or position_ids.is_complex() or position_ids.dtype == torch.bool:
         raise ValueError(f"position_ids must hold integers, got dtype {position_ids.dtype}")
     if tuple(position_ids.shape) != (batch, length):
         raise ValueError(f"position_ids must be (B, L)={(batch, length)}, got {tuple(position_ids.shape)}")
@@ -91,6 +115,12 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != module.embed_dim:
         raise ValueError(f"x must be (B, L, embed_dim={module.embed_dim}), got shape {tuple(x.shape)}")
+    weight = module.q_proj.weight
+    # Under autocast the projections cast x themselves, so any floating x is fine there.
+    if x.dtype != weight.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        raise ValueError(f"x must have the layer's dtype {weight.dtype}, got {x.dtype} (cast x or the layer with .to())")
+    if x.device != weight.device:
+        raise ValueError(f"x must be on the layer's device {weight.device}, got {x.device}")
     if cache is not None and not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
     b, length, _ = x.shape
@@ -98,19 +128,42 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
     past = len(cache) if cache is not None else 0
     position_ids = check_position_ids(position_ids, b, length)
 
-    q = module.q_proj(x).view(b, length, -1, d)
-    k = module.k_proj(x).view(b, length, k_maps, d)
-    v = module.v_proj(x).view(b, length, module.num_kv_heads, v_width)
+    # Sizes from each projection's output (no -1, so that an empty x reshapes too): under tensor
+    # parallelism (parallel.py) a rank's projections hold a slice of the maps.
+    q, k, v = module.q_proj(x), module.k_proj(x), module.v_proj(x)
+    q = q.view(b, length, q.shape[-1] // d, d)
+    k = k.view(b, length, k.shape[-1] // d, d)
+    v = v.view(b, length, v.shape[-1] // v_width, v_width)
     if rel_pos is not None:
-        cos, sin = check_rel_pos(rel_pos, d, past + length if position_ids is None else None)
+        cos, sin = check_rel_pos(rel_pos, d, past + length if position_ids is None else None, x.device)
         q = apply_rotary_emb(q, cos, sin, True, past, position_ids=position_ids)
         k = apply_rotary_emb(k, cos, sin, True, past, position_ids=position_ids)
 
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, width)
     if cache is not None:
+        if x.numel() == 0:
+            # Nothing to append: check that the call fits the cache, but leave it untouched
+            # (a first write would allocate its buffers). The queries attend over nothing.
+            cache._check(k, v)
+            if len(cache):
+                k, v = cache.keys(), cache.values()  # so that a (B, ·, 0, len(cache)) mask still fits
+            return q, k, v
         # The caller runs inside cache.transaction(), which undoes this write if anything later fails.
         k, v = cache.update(k, v)  # the whole cached length
     return q, k, v
+
+
+def check_mask_heads(attn_mask, heads: int) -> None:
+    """V1's mask head axis counts differential heads H = num_heads // 2: say so when it does not fit."""
+    if not isinstance(attn_mask, torch.Tensor) or not 3 <= attn_mask.dim() <= 4:
+        return  # prepare_mask gives the general errors
+    n = attn_mask.shape[-3]
+    if n not in (1, heads):
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} has {n} heads on its head axis; this layer has "
+            f"H = num_heads // 2 = {heads} differential heads (the constructor's num_heads={2 * heads} counts "
+            f"the baseline's heads), so the head axis must be 1 or {heads}"
+        )
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -135,6 +188,11 @@ class MultiheadDiffAttn(nn.Module):
             through the ``impl`` attribute.
         causal: apply the causal mask (bottom-right aligned) in addition to any ``attn_mask``.
         norm_eps: eps of the per-head RMSNorm (``subln``), default 1e-5.
+
+    Attributes: ``num_heads`` is ``H = num_heads // 2`` (the differential heads, *not* the
+    constructor's count), ``num_kv_heads`` is ``Hkv = num_kv_heads // 2``, ``head_dim`` is ``d``.
+    unilm's ``MultiheadDiffAttn`` takes these halved counts as its arguments: pass twice its
+    ``num_heads`` (and kv heads) here to load its checkpoints.
 
     Parameters (the names and shapes of unilm's and the original project's checkpoints):
     ``q_proj`` (E → E), ``k_proj`` and ``v_proj`` (E → E·Hkv/H), ``out_proj`` (E → E), all without
@@ -175,6 +233,8 @@ class MultiheadDiffAttn(nn.Module):
             raise ValueError(f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads} and not exceed it")
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        check_eps("norm_eps", norm_eps)
+        check_dtype(dtype)
 
         self.embed_dim = embed_dim
         self.num_heads = num_heads // 2  # differential heads H
@@ -212,6 +272,10 @@ class MultiheadDiffAttn(nn.Module):
             raise ValueError(f"impl must be one of {IMPLS}, got {value!r}")
         self._impl = value
 
+    # The attention core, called with diff_attention's arguments; context_parallel (parallel.py)
+    # replaces it on an instance with one that gathers keys and values over the sequence shards.
+    _attend = staticmethod(diff_attention)
+
     def reset_lambda_parameters(self) -> None:
         for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
             nn.init.normal_(p, mean=0.0, std=0.1)
@@ -235,7 +299,8 @@ class MultiheadDiffAttn(nn.Module):
     ) -> torch.Tensor:
         """Args:
             x: ``(B, L, embed_dim)``.
-            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; row ``p`` holds
+            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; ``None`` (the
+                default) applies no RoPE at all. Row ``p`` holds
                 absolute position ``p``. Applied GPT-J style (interleaved) to q and k.
             attn_mask: optional bool (True = may attend) or additive float mask broadcastable to
                 ``(B, H, L, Lk)`` with ``H = num_heads // 2`` and ``Lk = len(cache) + L`` (``L``
@@ -249,16 +314,17 @@ class MultiheadDiffAttn(nn.Module):
 
         Returns ``(B, L, embed_dim)``.
         """
+        check_mask_heads(attn_mask, self.num_heads)
         with transaction(cache):  # a call that raises leaves the cache as it was
             q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=2 * self.num_kv_heads,
                                   v_width=2 * self.head_dim)  # (B, 2H, L, d), (B, 2Hkv, Lk, d), (B, Hkv, Lk, 2d)
             b, length = x.shape[:2]
-            out = diff_attention(
+            out = self._attend(
                 q, k, v, self.lambda_full(), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling,
                 impl=self.impl,
             )  # (B, H, L, 2d)
             out = self.subln(out) * (1 - self.lambda_init)
-            return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+            return self.out_proj(out.transpose(1, 2).reshape(b, length, out.shape[1] * out.shape[3]))  # local H under TP
 
     def extra_repr(self) -> str:
         return (

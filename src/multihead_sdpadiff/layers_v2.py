@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .cache import KVCache, transaction
-from .layers import _check_positive_int, project_qkv
+from .layers import _check_positive_int, check_dtype, project_qkv
 from .ops.v2 import IMPLS_V2, diff_attention_v2
 
 __all__ = ["MultiheadDiffAttnV2"]
@@ -68,6 +68,7 @@ class MultiheadDiffAttnV2(nn.Module):
         _check_positive_int("head_dim", head_dim)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        check_dtype(dtype)
 
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -96,6 +97,10 @@ class MultiheadDiffAttnV2(nn.Module):
             raise ValueError(f"impl must be one of {IMPLS_V2}, got {value!r}")
         self._impl = value
 
+    # The attention core, called with diff_attention_v2's arguments; context_parallel (parallel.py)
+    # replaces it on an instance with one that gathers keys and values over the sequence shards.
+    _attend = staticmethod(diff_attention_v2)
+
     def lambda_full(self, x: torch.Tensor) -> torch.Tensor:
         """λ = sigmoid(lambda_proj(x)) as ``(B, H, L)``: the projection runs in the module dtype, the
         sigmoid in float32 (float64 for float64 input)."""
@@ -114,7 +119,8 @@ class MultiheadDiffAttnV2(nn.Module):
     ) -> torch.Tensor:
         """Args:
             x: ``(B, L, embed_dim)``.
-            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; row ``p`` holds
+            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; ``None`` (the
+                default) applies no RoPE at all. Row ``p`` holds
                 absolute position ``p``. Applied GPT-J style (interleaved), as the authors do, to
                 all ``2H`` query maps and the ``Hkv`` key heads (not to v).
             attn_mask: optional bool (True = may attend) or additive float mask broadcastable to
@@ -136,11 +142,11 @@ class MultiheadDiffAttnV2(nn.Module):
             q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads,
                                   v_width=self.head_dim)  # (B, 2H, L, d), (B, Hkv, Lk, d) each
             b, length = x.shape[:2]
-            out = diff_attention_v2(
+            out = self._attend(
                 q, k, v, self.lambda_full(x), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling,
                 impl=self.impl,
             )  # (B, H, L, d)
-            return self.o_proj(out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim))
+            return self.o_proj(out.transpose(1, 2).reshape(b, length, out.shape[1] * out.shape[3]))  # local H under TP
 
     def extra_repr(self) -> str:
         return (

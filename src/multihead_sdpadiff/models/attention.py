@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache, transaction
-from ..layers import MultiheadDiffAttn, project_qkv
+from ..layers import MultiheadDiffAttn, check_dtype, project_qkv
 from ..masks import prepare_mask
 from ..ops.reference import diff_attention_maps, softmax_or_zero
 from ..rotary import apply_rotary_emb
@@ -66,6 +66,9 @@ class StandardAttention(nn.Module):
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads}")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        check_dtype(dtype)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -101,9 +104,9 @@ class StandardAttention(nn.Module):
             sdpa_mask, is_causal = mask.sdpa_args(q.device)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=sdpa_mask, is_causal=is_causal, scale=self.scaling,
-                enable_gqa=self.num_kv_heads != self.num_heads,
+                enable_gqa=q.shape[1] != k.shape[1],  # local head counts under TP
             )  # (B, H, L, d)
-            return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+            return self.out_proj(out.transpose(1, 2).reshape(b, length, out.shape[1] * out.shape[3]))  # local H under TP
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
