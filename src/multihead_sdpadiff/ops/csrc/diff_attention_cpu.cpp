@@ -297,11 +297,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch: packed q rows, both maps' exps over the block's whole key range, tile stats.
     const int64_t ntiles_max = (Lk + KT - 1) / KT;
-    // Row stride of the score buffers: padded so that a power-of-two Lk does not put every row of a
-    // tile in the same cache sets.
-    const int64_t ldE = (Lk + 15) / 16 * 16 + 16;
+    // Score buffers are tile-major: tile t's R x KT block is contiguous (row stride KT), so each
+    // pass streams one block instead of R rows a whole key range apart.
+    const int64_t ldE = KT, ntiles_all = (Lk + KT - 1) / KT;
     std::vector<T> Q1(Rmax * d), Q2(Rmax * d);
-    std::vector<float> E1(Rmax * ldE), E2(Rmax * ldE);
+    std::vector<float> E1(Rmax * ntiles_all * KT), E2(Rmax * ntiles_all * KT);
     std::vector<float> m1(Rmax * ntiles_max), l1(Rmax * ntiles_max), m2(Rmax * ntiles_max), l2(Rmax * ntiles_max);
     std::vector<float> O(Rmax * d2), f1(Rmax), f2(Rmax), M1(Rmax), M2(Rmax), L1(Rmax), L2(Rmax);
     // The forward's GEMMs all run in float32: bf16/half q rows and k/v tiles are converted once per
@@ -355,8 +355,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       // Scores and exps, tile by tile, relative to each tile's row max.
       for (int64_t t = 0; t < nt; t++) {
         const int64_t t0 = klo + t * KT, t1 = std::min(khi, t0 + KT), n = t1 - t0;
-        float* e1 = E1.data() + (t0 - klo);
-        float* e2 = E2.data() + (t0 - klo);
+        float* e1 = E1.data() + t * R * KT;
+        float* e2 = E2.data() + t * R * KT;
         if (small) {
           scores_small<T>(R, n, d, Qf.data(), k1 + t0 * d, e1, ldE, row.data());
           scores_small<T>(R, n, d, Qf.data() + R * d, k2 + t0 * d, e2, ldE, row.data());
@@ -416,8 +416,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           const float mt1 = m1[r * nt + t], mt2 = m2[r * nt + t];
           const float a = (L1[r] > 0.f && mt1 != NEG_INF) ? std::exp(mt1 - M1[r]) / L1[r] : 0.f;
           const float b = (L2[r] > 0.f && mt2 != NEG_INF) ? lam_h * std::exp(mt2 - M2[r]) / L2[r] : 0.f;
-          float* s1 = E1.data() + r * ldE + (t0 - klo);
-          const float* s2 = E2.data() + r * ldE + (t0 - klo);
+          float* s1 = E1.data() + t * R * KT + r * ldE;
+          const float* s2 = E2.data() + t * R * KT + r * ldE;
           const fVec va(a), vb(b);
           const int64_t W = fVec::size();
           int64_t c = 0;
@@ -425,12 +425,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           for (; c < n; c++) s1[c] = s1[c] * a - s2[c] * b;
         }
         if (small) {
-          av_small<T>(R, n, d2, E1.data() + (t0 - klo), ldE, vg + t0 * d2, O.data(), t > 0, row.data());
+          av_small<T>(R, n, d2, E1.data() + t * R * KT, ldE, vg + t0 * d2, O.data(), t > 0, row.data());
         } else if constexpr (is_f32) {
-          gemm<float>(R, d2, n, E1.data() + (t0 - klo), ldE, vg + t0 * d2, d2, O.data(), d2, t > 0);
+          gemm<float>(R, d2, n, E1.data() + t * R * KT, ldE, vg + t0 * d2, d2, O.data(), d2, t > 0);
         } else {
           to_float<T>(vg + t0 * d2, Vf.data(), n * d2);
-          gemm<float>(R, d2, n, E1.data() + (t0 - klo), ldE, Vf.data(), d2, O.data(), d2, t > 0);
+          gemm<float>(R, d2, n, E1.data() + t * R * KT, ldE, Vf.data(), d2, O.data(), d2, t > 0);
         }
       }
       for (int64_t r = 0; r < R; r++) from_float<T>(O.data() + r * d2, out_row(r), d2);
@@ -488,11 +488,11 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
     float* dkT = dkT_acc.data_ptr<float>() + tid * G.B * 2 * G.Hkv * d * Lk;
     float* dvT = dvT_acc.data_ptr<float>() + tid * G.B * G.Hkv * d2 * Lk;
     double* dlam = dlam_acc.data_ptr<double>() + tid * G.H;
-    // Row stride of the score buffers: padded so that a power-of-two Lk does not put every row of a
-    // tile in the same cache sets.
-    const int64_t ldE = (Lk + 15) / 16 * 16 + 16;
+    // Score buffers are tile-major: tile t's R x KT block is contiguous (row stride KT), so each
+    // pass streams one block instead of R rows a whole key range apart.
+    const int64_t ldE = KT, ntiles_all = (Lk + KT - 1) / KT;
     std::vector<T> Q1(Rmax * d), Q2(Rmax * d), QT1(d * Rmax), QT2(d * Rmax), dO(Rmax * d2), dOT(d2 * Rmax);
-    std::vector<float> P1(Rmax * ldE), P2(Rmax * ldE), dA(Rmax * ldE);
+    std::vector<float> P1(Rmax * ntiles_all * KT), P2(Rmax * ntiles_all * KT), dA(Rmax * ntiles_all * KT);
     std::vector<float> r1(Rmax), r2(Rmax), lse1(Rmax), lse2(Rmax), sum1(Rmax), sum2(Rmax), dQ1(Rmax * d), dQ2(Rmax * d), tmp(std::max(d2, KT));
     constexpr bool is_bf16 = std::is_same<T, at::BFloat16>::value, is_half = std::is_same<T, at::Half>::value;
     std::vector<T> Ab(Rmax * KT), DS1(is_bf16 ? Rmax * KT : 0), DS2(is_bf16 ? Rmax * KT : 0);
@@ -556,9 +556,9 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       // Pass 1: P1, P2 (from the saved row max and sum), dA = dO V^T; dV^T += dO^T A; r = rowsum(dA * P).
       for (int64_t t = 0; t < nt; t++) {
         const int64_t t0 = klo + t * KT, t1 = std::min(khi, t0 + KT), n = t1 - t0;
-        float* p1 = P1.data() + (t0 - klo);
-        float* p2 = P2.data() + (t0 - klo);
-        float* da = dA.data() + (t0 - klo);
+        float* p1 = P1.data() + t * R * KT;
+        float* p2 = P2.data() + t * R * KT;
+        float* da = dA.data() + t * R * KT;
         gemm<T>(R, n, d, Q1.data(), d, kt1 + t0, Lk, p1, ldE, false);
         gemm<T>(R, n, d, Q2.data(), d, kt2 + t0, Lk, p2, ldE, false);
         gemm<T>(R, n, d2, dO.data(), d2, vtg + t0, Lk, da, ldE, false);
@@ -611,9 +611,9 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       // Pass 2: dS, then dQ += dS K and dK^T += Q^T dS.
       for (int64_t t = 0; t < nt; t++) {
         const int64_t t0 = klo + t * KT, t1 = std::min(khi, t0 + KT), n = t1 - t0;
-        float* p1 = P1.data() + (t0 - klo);
-        float* p2 = P2.data() + (t0 - klo);
-        const float* da = dA.data() + (t0 - klo);
+        float* p1 = P1.data() + t * R * KT;
+        float* p2 = P2.data() + t * R * KT;
+        const float* da = dA.data() + t * R * KT;
         for (int64_t r = 0; r < R; r++) {
           const float nl = -lamp[head(r)] * scale;
           float* s1 = p1 + r * ldE;
