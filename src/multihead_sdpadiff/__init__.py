@@ -13,8 +13,8 @@ from .layers import (
 from .layers_v2 import MultiheadDiffAttnV2
 from .masks import causal_mask
 from .models import DiffTransformer, DiffTransformerConfig
-from .ops import IMPLS, choose_impl, diff_attention
-from .ops.v2 import IMPLS_V2, diff_attention_v2
+from .ops import IMPLS, choose_impl, diff_attention, diff_attention_varlen
+from .ops.v2 import IMPLS_V2, diff_attention_v2, diff_attention_v2_varlen
 from .rotary import RotaryEmbedding, apply_rotary_emb
 
 __version__ = "0.2.0"
@@ -39,5 +39,7 @@ __all__ = [
     "choose_impl",
     "diff_attention",
     "diff_attention_v2",
+    "diff_attention_v2_varlen",
+    "diff_attention_varlen",
     "lambda_init_fn",
 ]
