@@ -2,7 +2,8 @@
 
 For one block of queries at a time it computes both maps' scores against the keys the block can
 see, takes both softmaxes in float32 (or float64), forms ``A1 − λ·A2`` and does *one* product with
-v. That is 8·N²·d FLOPs per head (standard attention of width 2d), against 12–16·N²·d for the
+v. For float16 and bfloat16 inputs the scores are formed in float32 too (q and k blocks are upcast
+before QKᵀ), forward and backward; only the product with v runs in v's dtype, as in SDPA. That is 8·N²·d FLOPs per head (standard attention of width 2d), against 12–16·N²·d for the
 SDPA strategies, with O(block · Lk) score memory instead of the reference's O(Lq · Lk).
 
 * Key ranges: causal, window and packed sequences are per-row key intervals
@@ -92,19 +93,26 @@ class _Plan:
         return (cols < self._lo[i0:i1, None]) | (cols >= self._hi[i0:i1, None])
 
     def q_block(self, q, i0, i1, scale=1.0):
-        """(B, 2H, Lq, d) -> (B, Hkv, 2, rep*bq, d), times ``scale``: a group's heads stacked along rows."""
+        """(B, 2H, Lq, d) -> (B, Hkv, 2, rep*bq, d) in the working precision, times ``scale``.
+
+        A group's heads are stacked along rows. Half inputs are upcast before the scale and the
+        QKᵀ product, so scores are formed in float32: fp16 scores past 65504 stay finite and bf16
+        scores keep float32's mantissa (the input dtype's own rounding of q and k is all that is lost).
+        """
         qb = q[:, :, i0:i1].unflatten(1, (self.hkv, self.rep, 2))  # (B, Hkv, rep, 2, bq, d)
-        return (qb.transpose(2, 3) * scale).flatten(3, 4)  # one copy, scaled on the way
+        return (qb.transpose(2, 3).to(self.work) * scale).flatten(3, 4)  # one copy (two for half), scaled on the way
 
     def probs(self, q, k, i0, i1, k0, k1, scale):
         """Both maps' softmax, (B, Hkv, 2, rep, bq, kl), in the working precision."""
         if self.k_t is None:
             # With several blocks, k is transposed once per call so that every block's QK^T reads
             # contiguous rows; a single block (a decode step) reads k in place instead.
+            # Half inputs are upcast here, once per call, so that QKᵀ runs in the working precision.
             k_t = k.transpose(-1, -2)
-            self.k_t = (k_t.contiguous() if len(self.blocks) > 1 else k_t).unflatten(1, (self.hkv, 2))  # (B, Hkv, 2, d, Lk)
-        s = torch.matmul(self.q_block(q, i0, i1, scale), self.k_t[..., k0:k1])  # (B, Hkv, 2, rep*bq, kl)
-        s = s.to(self.work).unflatten(3, (self.rep, i1 - i0))  # (B, Hkv, 2, rep, bq, kl)
+            k_t = k_t.to(self.work, memory_format=torch.contiguous_format) if len(self.blocks) > 1 else k_t.to(self.work)
+            self.k_t = k_t.unflatten(1, (self.hkv, 2))  # (B, Hkv, 2, d, Lk)
+        s = torch.matmul(self.q_block(q, i0, i1, scale), self.k_t[..., k0:k1])  # (B, Hkv, 2, rep*bq, kl), float32+
+        s = s.unflatten(3, (self.rep, i1 - i0))  # (B, Hkv, 2, rep, bq, kl)
         dead = None
         m = self.mask.tensor
         hidden = self.hidden(i0, i1, k0, k1, s.device)  # (bq, kl) or None
@@ -181,7 +189,7 @@ class _ChunkedDiffAttention(torch.autograd.Function):
             kb = k[:, :, k0:k1].to(work).unflatten(1, (plan.hkv, 2))  # (B, Hkv, 2, kl, d)
             dqb = torch.matmul(ds, kb)  # (B, Hkv, 2, rep*bq, d)
             dq[:, :, i0:i1] = dqb.unflatten(3, (plan.rep, bq)).transpose(2, 3).flatten(1, 3)
-            dkb = torch.matmul(ds.transpose(-1, -2), plan.q_block(q, i0, i1).to(work))  # (B, Hkv, 2, kl, d)
+            dkb = torch.matmul(ds.transpose(-1, -2), plan.q_block(q, i0, i1))  # (B, Hkv, 2, kl, d)
             dk[:, :, k0:k1] += dkb.flatten(1, 2)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlam.flatten().to(lam.dtype), None, None, None
 
