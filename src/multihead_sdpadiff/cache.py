@@ -25,6 +25,13 @@ class KVCache:
 
     ``len(cache)`` is the number of cached positions; :meth:`reset` empties the cache for reuse.
 
+    ``KVCache(keep=n)`` is a rolling cache for a sliding-window layer: it holds only the last ``n``
+    positions (``n = W - 1`` for ``sliding_window = W``), so its memory is O(W) however long the
+    sequence. :meth:`update` still returns the kept positions *and* all the new ones, which is
+    every key a windowed query can see. ``len(cache)`` is then the kept count and
+    :attr:`seen_tokens` the number of positions written since the last reset (the absolute
+    position of the next token, for RoPE); for other caches they are equal.
+
     Writes are in place under ``torch.no_grad()`` or ``torch.inference_mode()`` (use one of them to
     decode). While autograd records, writes are out of place, so gradients flow through every
     cached step; each step then copies the cache, and autograd keeps every version.
@@ -39,7 +46,13 @@ class KVCache:
         head_dim: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        keep: int | None = None,
     ):
+        if keep is not None:
+            if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+                raise ValueError(f"keep must be an int >= 0 (positions a rolling cache keeps) or None, got {keep!r}")
+            if max_len is not None:
+                raise ValueError("a rolling cache (keep=...) grows to at most keep positions; do not give max_len")
         for name, value in (("max_len", max_len), ("batch_size", batch_size),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -48,7 +61,9 @@ class KVCache:
             raise ValueError("give both max_len and batch_size for a preallocated cache, or neither")
         self.max_len = max_len
         self.batch_size = batch_size
+        self.keep = keep
         self._len = 0
+        self._seen = 0
         self._k: torch.Tensor | None = None  # (B, 2Hkv, capacity, d)
         self._v: torch.Tensor | None = None  # (B, Hkv, capacity, 2d)
         if max_len is not None and num_kv_heads is not None and head_dim is not None:
@@ -66,13 +81,25 @@ class KVCache:
     def seq_len(self) -> int:
         return self._len
 
+    @property
+    def seen_tokens(self) -> int:
+        """Positions written since the last reset; ``len(self)`` except for a rolling cache."""
+        return self._seen if self.is_rolling else self._len
+
+    @property
+    def is_rolling(self) -> bool:
+        return self.keep is not None
+
     def __repr__(self) -> str:
         kind = f"static max_len={self.max_len}, batch_size={self.batch_size}" if self.is_static else "growing"
+        if self.is_rolling:
+            kind = f"rolling keep={self.keep}, seen={self._seen}"
         return f"KVCache({kind}, len={self._len})"
 
     def reset(self) -> None:
         """Forget every cached position; preallocated buffers are kept for reuse."""
         self._len = 0
+        self._seen = 0
         if not self.is_static:
             self._k = self._v = None
         elif self._k is not None and self._k.grad_fn is not None:
@@ -113,6 +140,8 @@ class KVCache:
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k (B, 2Hkv, L, d)`` and ``v (B, Hkv, L, 2d)``; return every cached key and value."""
         self._check(k, v)
+        if self.is_rolling:
+            return self._roll(k, v)
         new_len = self._len + k.shape[2]
         if self.is_static and new_len > self.max_len:
             raise ValueError(
@@ -144,3 +173,18 @@ class KVCache:
             self._v[:, :, self._len : new_len] = v
         self._len = new_len
         return self.keys(), self.values()
+
+    def _roll(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rolling update: return kept + new positions, then keep only the last ``keep`` of them."""
+        if self._k is None or self._len == 0:
+            full_k, full_v = k, v
+        else:
+            full_k = torch.cat((self._k[:, :, : self._len], k), dim=2)
+            full_v = torch.cat((self._v[:, :, : self._len], v), dim=2)
+        n = min(self.keep, full_k.shape[2])
+        # A copy, not a view: a view of a long prefill would keep all of it alive.
+        self._k = full_k[:, :, full_k.shape[2] - n :].clone()
+        self._v = full_v[:, :, full_v.shape[2] - n :].clone()
+        self._len = n
+        self._seen += k.shape[2]
+        return full_k, full_v

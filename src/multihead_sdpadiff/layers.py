@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from .cache import KVCache
-from .masks import prepare_mask
-from .ops import IMPLS, diff_attention
+from .masks import check_cu_seqlens, prepare_mask
+from .ops import IMPLS, diff_attention, diff_attention_varlen
 from .rotary import apply_rotary_emb
 
 __all__ = [
@@ -93,7 +93,7 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
         raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
     b, length, _ = x.shape
     d = module.head_dim
-    past = len(cache) if cache is not None else 0
+    past = cache.seen_tokens if cache is not None else 0  # absolute position of the first new token
     position_ids = check_position_ids(position_ids, b, length)
 
     q = module.q_proj(x).view(b, length, -1, d)
@@ -109,9 +109,66 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
         if attn_mask is not None:
             # Refuse a bad mask before anything is written, so that a failed call leaves the cache as it was.
             prepare_mask(attn_mask, is_causal=False, batch=b, heads=module.num_heads, lq=length,
-                         lk=past + length, dtype=q.dtype, device=q.device)
+                         lk=len(cache) + length, dtype=q.dtype, device=q.device)
         k, v = cache.update(k, v)  # the whole cached length
     return q, k, v
+
+
+def check_sliding_window(value) -> tuple[int, int] | None:
+    """``sliding_window = W`` (transformers' convention: a token sees itself and the ``W - 1``
+    tokens before it) as the op's ``window = (W - 1, 0)``; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    _check_positive_int("sliding_window", value)
+    return (value - 1, 0)
+
+
+def packed_layout(x, position_ids, cu_seqlens, attn_mask, cache) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(cu_seqlens, position_ids)`` of a packed row, or ``(None, position_ids)`` for an ordinary call.
+
+    A call is packed when ``cu_seqlens`` (flash-attn's int32 ``(docs + 1,)``) is given, or when
+    ``x`` is one row ``(1, total, E)`` without ``attn_mask`` or cache whose ``position_ids``
+    restart at 0 (transformers' ``DataCollatorWithFlattening``): each 0 after the first token
+    starts a document. RoPE positions restart per document: from ``position_ids`` when given,
+    else ``0 .. n_s - 1`` in each document.
+    """
+    if cu_seqlens is None:
+        if (position_ids is None or not isinstance(position_ids, torch.Tensor) or x.shape[0] != 1
+                or attn_mask is not None or cache is not None or tuple(position_ids.shape) != tuple(x.shape[:2])
+                or torch.compiler.is_compiling()):
+            return None, position_ids
+        starts = (position_ids[0, 1:] == 0).nonzero().flatten() + 1
+        if starts.numel() == 0:
+            return None, position_ids
+        bounds = [0, *starts.tolist(), x.shape[1]]
+        return torch.tensor(bounds, dtype=torch.int32, device=x.device), position_ids
+    if x.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs one packed row: x of shape (1, total, E), got {tuple(x.shape)}")
+    if attn_mask is not None:
+        raise ValueError("attn_mask cannot be combined with cu_seqlens: the packed documents already "
+                         "define which keys each token sees")
+    if cache is not None:
+        raise ValueError("cu_seqlens cannot be combined with a cache (pack prompts for prefill without one)")
+    cu = check_cu_seqlens(cu_seqlens, "cu_seqlens", x.shape[1], x.device)
+    if position_ids is None:
+        starts = torch.tensor(cu[:-1], device=x.device).repeat_interleave(
+            torch.tensor([b - a for a, b in zip(cu, cu[1:], strict=False)], device=x.device))
+        position_ids = (torch.arange(x.shape[1], device=x.device) - starts)[None]  # (1, total)
+    return cu_seqlens, position_ids
+
+
+def attend(op, op_varlen, q, k, v, lam, *, attn_mask, causal, window, scale, impl, cu_seqlens):
+    """The layers' attention call: ``op`` on ``(B, heads, L, width)`` tensors, or ``op_varlen`` on
+    the one packed row ``B = 1`` with ``cu_seqlens`` (``lam`` per token ``(1, H, L)`` for V2).
+    Returns ``(B, H, L, width)``."""
+    if cu_seqlens is None:
+        return op(q, k, v, lam, attn_mask=attn_mask, is_causal=causal, window=window, scale=scale, impl=impl)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if isinstance(lam, torch.Tensor) and lam.dim() == 3:
+        lam = lam[0].transpose(0, 1)  # (total, H)
+    out = op_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), lam, cu_seqlens, cu_seqlens,
+                    longest, longest, is_causal=causal, window=window, scale=scale, impl=impl)  # (total, H, w)
+    return out.transpose(0, 1).unsqueeze(0)
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -136,6 +193,8 @@ class MultiheadDiffAttn(nn.Module):
             through the ``impl`` attribute.
         causal: apply the causal mask (bottom-right aligned) in addition to any ``attn_mask``.
         norm_eps: eps of the per-head RMSNorm (``subln``), default 1e-5.
+        sliding_window: ``W`` or ``None``: each query sees itself and the ``W - 1`` keys before it
+            (transformers' convention; the op's ``window = (W - 1, 0)``, bottom-right aligned).
 
     Parameters (the names and shapes of unilm's and the original project's checkpoints):
     ``q_proj`` (E → E), ``k_proj`` and ``v_proj`` (E → E·Hkv/H), ``out_proj`` (E → E), all without
@@ -153,10 +212,13 @@ class MultiheadDiffAttn(nn.Module):
         impl: str = "auto",
         causal: bool = True,
         norm_eps: float = 1e-5,
+        sliding_window: int | None = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
+        self.window = check_sliding_window(sliding_window)
+        self.sliding_window = sliding_window
         _check_positive_int("embed_dim", embed_dim)
         _check_positive_int("num_heads", num_heads)
         if isinstance(depth, bool) or not isinstance(depth, int):
@@ -233,9 +295,10 @@ class MultiheadDiffAttn(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Args:
-            x: ``(B, L, embed_dim)``.
+            x: ``(B, L, embed_dim)``, or one packed row ``(1, total, embed_dim)`` of documents.
             rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; row ``p`` holds
                 absolute position ``p``. Applied GPT-J style (interleaved) to q and k.
             attn_mask: optional bool (True = may attend) or additive float mask broadcastable to
@@ -247,15 +310,20 @@ class MultiheadDiffAttn(nn.Module):
                 Default: ``len(cache) .. len(cache) + L - 1`` for every sequence.
             cache: optional :class:`KVCache`; the new keys and values (after RoPE) are appended
                 and the queries attend over everything cached.
+            cu_seqlens: optional int32 ``(docs + 1,)`` boundaries of the documents packed in ``x``
+                of shape ``(1, total, E)`` (flash-attn's varlen layout): a token sees only its own
+                document (causal and window per document) and RoPE restarts at 0 in each. Packed
+                ``position_ids`` that restart at 0 (one row, no mask, no cache) mean the same.
 
         Returns ``(B, L, embed_dim)``.
         """
+        cu_seqlens, position_ids = packed_layout(x, position_ids, cu_seqlens, attn_mask, cache)
         q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=2 * self.num_kv_heads,
                               v_width=2 * self.head_dim, attn_mask=attn_mask)  # (B, 2H, L, d), (B, 2Hkv, Lk, d), (B, Hkv, Lk, 2d)
         b, length = x.shape[:2]
-        out = diff_attention(
-            q, k, v, self.lambda_full(), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling, impl=self.impl
-        )  # (B, H, L, 2d)
+        out = attend(diff_attention, diff_attention_varlen, q, k, v, self.lambda_full(), attn_mask=attn_mask,
+                     causal=self.causal, window=self.window, scale=self.scaling, impl=self.impl,
+                     cu_seqlens=cu_seqlens)  # (B, H, L, 2d)
         out = self.subln(out) * (1 - self.lambda_init)
         return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
 
@@ -263,6 +331,7 @@ class MultiheadDiffAttn(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, lambda_init={self.lambda_init:.4f}, causal={self.causal}, impl={self.impl!r}"
+            + (f", sliding_window={self.sliding_window}" if self.sliding_window is not None else "")
         )
 
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from .cache import KVCache
-from .layers import _check_positive_int, project_qkv
-from .ops.v2 import IMPLS_V2, diff_attention_v2
+from .layers import _check_positive_int, attend, check_sliding_window, packed_layout, project_qkv
+from .ops.v2 import IMPLS_V2, diff_attention_v2, diff_attention_v2_varlen
 
 __all__ = ["MultiheadDiffAttnV2"]
 
@@ -29,6 +29,8 @@ class MultiheadDiffAttnV2(nn.Module):
         causal: apply the causal mask (bottom-right aligned) in addition to any ``attn_mask``.
         impl: the strategy, a name from :data:`~multihead_sdpadiff.IMPLS_V2`; may be changed later
             through the ``impl`` attribute.
+        sliding_window: ``W`` or ``None``: each query sees itself and the ``W - 1`` keys before it
+            (the op's ``window = (W - 1, 0)``).
 
     Parameters (the authors' names and shapes, so their checkpoints load with ``strict=True``), all
     without bias: ``q_proj`` (E → 2H·d), ``k_proj`` and ``v_proj`` (E → Hkv·d), ``o_proj``
@@ -44,10 +46,13 @@ class MultiheadDiffAttnV2(nn.Module):
         *,
         causal: bool = True,
         impl: str = "auto",
+        sliding_window: int | None = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
+        self.window = check_sliding_window(sliding_window)
+        self.sliding_window = sliding_window
         _check_positive_int("embed_dim", embed_dim)
         _check_positive_int("num_heads", num_heads)
         if num_kv_heads is None:
@@ -111,9 +116,10 @@ class MultiheadDiffAttnV2(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Args:
-            x: ``(B, L, embed_dim)``.
+            x: ``(B, L, embed_dim)``, or one packed row ``(1, total, embed_dim)`` of documents.
             rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; row ``p`` holds
                 absolute position ``p``. Applied GPT-J style (interleaved), as the authors do, to
                 all ``2H`` query maps and the ``Hkv`` key heads (not to v).
@@ -129,16 +135,19 @@ class MultiheadDiffAttnV2(nn.Module):
                 values ``(B, Hkv, L, d)`` are appended and the queries attend over everything
                 cached. Create it as ``KVCache()`` or ``KVCache(max_len, batch_size)``; its
                 ``num_kv_heads``/``head_dim`` keywords preallocate V1's layout and do not fit V2.
+            cu_seqlens: optional int32 ``(docs + 1,)`` boundaries of documents packed in one row,
+                as for :class:`~multihead_sdpadiff.MultiheadDiffAttn` (packed ``position_ids``
+                that restart at 0 mean the same).
 
         Returns ``(B, L, embed_dim)``.
         """
+        cu_seqlens, position_ids = packed_layout(x, position_ids, cu_seqlens, attn_mask, cache)
         q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads,
                               v_width=self.head_dim, attn_mask=attn_mask)  # (B, 2H, L, d), (B, Hkv, Lk, d) each
         b, length = x.shape[:2]
-        out = diff_attention_v2(
-            q, k, v, self.lambda_full(x), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling,
-            impl=self.impl,
-        )  # (B, H, L, d)
+        out = attend(diff_attention_v2, diff_attention_v2_varlen, q, k, v, self.lambda_full(x), attn_mask=attn_mask,
+                     causal=self.causal, window=self.window, scale=self.scaling, impl=self.impl,
+                     cu_seqlens=cu_seqlens)  # (B, H, L, d)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:

@@ -73,7 +73,7 @@ def check_cu_seqlens(cu, name: str, total: int, device: torch.device | None = No
     vals = tuple(int(x) for x in cu.tolist())
     if vals[0] != 0:
         raise ValueError(f"{name} must start at 0, got {vals[0]}")
-    if any(b < a for a, b in zip(vals, vals[1:])):
+    if any(b < a for a, b in zip(vals, vals[1:], strict=False)):
         raise ValueError(f"{name} must be non-decreasing (sequence lengths >= 0), got {list(vals)}")
     if vals[-1] != total:
         raise ValueError(f"{name} must end at the total length {total}, got {vals[-1]}")

@@ -187,7 +187,7 @@ def diff_attention(
 def check_max_seqlen(value, name: str, cu: tuple[int, ...]) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    longest = max(b - a for a, b in zip(cu, cu[1:]))
+    longest = max(b - a for a, b in zip(cu, cu[1:], strict=False))
     if value < longest:
         raise ValueError(f"{name} {value} is smaller than the longest sequence ({longest})")
 

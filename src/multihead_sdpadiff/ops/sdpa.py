@@ -25,26 +25,29 @@ import torch.nn.functional as F
 from ..masks import AttentionMask
 
 
-def per_sequence(fn, q, k, v, lam, mask: AttentionMask, scale: float, *, lam_per_row: bool = False):
+def per_sequence(fn, q, k, v, lam, mask: AttentionMask, scale: float, *, lam_per_row: bool = False,
+                 out_heads: int | None = None):
     """Run ``fn(q, k, v, lam, mask, scale)`` once per packed sequence and concatenate along the rows.
 
     Unpacked masks call ``fn`` once, unchanged. ``lam_per_row``: ``lam`` is ``(B, H, Lq)`` (V2)
     and is sliced with the rows; otherwise it is per head and shared. A sequence without keys
-    gives zeros; one without queries gives nothing.
+    gives zeros; one without queries gives nothing. ``out_heads``: the output's head count
+    (default ``q.shape[1] // 2``, the differential heads).
     """
     if not mask.is_packed:
         return fn(q, k, v, lam, mask, scale)
+    heads = q.shape[1] // 2 if out_heads is None else out_heads
     outs = []
     for q0, q1, k0, k1 in mask.sequences():
         if q1 == q0:
             continue
         if k1 == k0:
-            outs.append(q.new_zeros(q.shape[0], q.shape[1] // 2, q1 - q0, v.shape[-1]))
+            outs.append(q.new_zeros(q.shape[0], heads, q1 - q0, v.shape[-1]))
             continue
         lam_s = lam[:, :, q0:q1] if lam_per_row else lam
         outs.append(fn(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], lam_s, mask.sequence(q0, q1, k0, k1), scale))
     if not outs:
-        return q.new_zeros(q.shape[0], q.shape[1] // 2, 0, v.shape[-1])
+        return q.new_zeros(q.shape[0], heads, 0, v.shape[-1])
     return torch.cat(outs, dim=2)  # (B, H, total_q, width)
 
 
