@@ -9,7 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multihead_sdpadiff import DiffTransformer, DiffTransformerConfig, KVCache, MultiheadDiffAttn, MultiheadDiffAttnV2
+from multihead_sdpadiff import (
+    DiffTransformer,
+    DiffTransformerConfig,
+    KVCache,
+    MultiheadDiffAttn,
+    MultiheadDiffAttnV2,
+)
 from multihead_sdpadiff.models import StandardAttention
 from multihead_sdpadiff.rotary import RotaryEmbedding
 from tests.oracle import oracle_module
