@@ -8,9 +8,11 @@ by the caller's mask and ``position_ids``, as in transformers.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "transaction"]
 
 
 class KVCache:
@@ -35,6 +37,10 @@ class KVCache:
     Writes are in place under ``torch.no_grad()`` or ``torch.inference_mode()`` (use one of them to
     decode). While autograd records, writes are out of place, so gradients flow through every
     cached step; each step then copies the cache, and autograd keeps every version.
+
+    A layer call that raises leaves the cache exactly as it was: the layers run inside
+    :func:`transaction`, which undoes every write of the failed call (its length, its buffers and
+    the buffer contents it overwrote).
     """
 
     def __init__(
@@ -66,6 +72,8 @@ class KVCache:
         self._seen = 0
         self._k: torch.Tensor | None = None  # (B, 2Hkv, capacity, d)
         self._v: torch.Tensor | None = None  # (B, Hkv, capacity, 2d)
+        # While a transaction is open: (buffer, start, old contents) of every in-place write.
+        self._journal: list[tuple[torch.Tensor, int, torch.Tensor]] | None = None
         if max_len is not None and num_kv_heads is not None and head_dim is not None:
             dev, dt = torch.device(device or "cpu"), dtype or torch.float32
             self._allocate(batch_size, 2 * num_kv_heads, head_dim, num_kv_heads, 2 * head_dim, max_len, dev, dt)
@@ -169,6 +177,9 @@ class KVCache:
                                max(new_len, 2 * self._k.shape[2]), k.device, k.dtype)
                 self._k[:, :, : self._len] = old_k
                 self._v[:, :, : self._len] = old_v
+            if self._journal is not None:  # keep what the write overwrites, for a rollback
+                for buf in (self._k, self._v):
+                    self._journal.append((buf, self._len, buf[:, :, self._len : new_len].clone()))
             self._k[:, :, self._len : new_len] = k
             self._v[:, :, self._len : new_len] = v
         self._len = new_len
@@ -188,3 +199,59 @@ class KVCache:
         self._len = n
         self._seen += k.shape[2]
         return full_k, full_v
+    # Transactions (see :func:`transaction`). A mark is the state to return to on failure.
+
+    def _begin(self) -> tuple:
+        outer = self._journal is None
+        if outer:
+            self._journal = []
+        return len(self._journal), self._len, self._k, self._v, self._seen, outer
+
+    def _rollback(self, mark: tuple) -> None:
+        n, length, k, v, seen, _ = mark
+        with torch.no_grad():  # inference_mode, if the failed call ran in it, is still active here
+            while len(self._journal) > n:
+                buf, start, old = self._journal.pop()
+                buf[:, :, start : start + old.shape[2]] = old
+        self._len, self._k, self._v, self._seen = length, k, v, seen
+
+    def _end(self, mark: tuple) -> None:
+        if mark[-1]:
+            self._journal = None
+
+
+class _Transaction:
+    """Undo every cache write made inside the ``with`` block if the block raises."""
+
+    def __init__(self, caches):
+        self.caches = [c for c in caches if isinstance(c, KVCache)]  # the layers refuse anything else
+        self.marks: list[tuple] = []
+
+    def __enter__(self):
+        self.marks = [c._begin() for c in self.caches]
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        for cache, mark in zip(self.caches, self.marks, strict=True):
+            if exc_type is not None:
+                cache._rollback(mark)
+            cache._end(mark)
+        return False
+
+
+def transaction(*caches: KVCache | None) -> contextlib.AbstractContextManager:
+    """``with transaction(cache, ...):`` — if the block raises, every given cache is restored.
+
+    ``None`` entries are ignored, and transactions nest (a layer's inside the model's). The undo
+    record is the length, the buffer references and a copy of the positions an in-place write
+    overwrites (``L`` positions per call, the size of the write itself).
+
+    Inside a ``torch.compile`` region it does nothing. With ``fullgraph=True`` Dynamo applies the
+    cache's Python state (its length and buffer references) only after the whole graph has run, so
+    a call that fails while tracing or running leaves ``len(cache)`` and what ``keys()`` and
+    ``values()`` return as they were (a failed graph may have written positions past the length,
+    which no read sees and the next write overwrites).
+    """
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _Transaction(caches)

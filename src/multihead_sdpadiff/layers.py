@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from .cache import KVCache
-from .masks import check_cu_seqlens, prepare_mask
+from .cache import KVCache, transaction
+from .masks import check_cu_seqlens
 from .ops import IMPLS, diff_attention, diff_attention_varlen
 from .rotary import apply_rotary_emb
 
@@ -76,7 +76,7 @@ def check_position_ids(position_ids, batch: int, length: int):
     return position_ids
 
 
-def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width: int, attn_mask=None):
+def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width: int):
     """The front half shared by the differential layers: input checks, projections, RoPE, cache.
 
     ``module`` has ``q_proj`` (2H maps of width ``head_dim``), ``k_proj`` (``k_maps`` maps),
@@ -84,6 +84,9 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
     applied GPT-J style to q and k at positions ``len(cache) + l`` or ``position_ids``. Returns q
     ``(B, 2H, L, d)``, and k ``(B, k_maps, Lk, d)`` and v ``(B, num_kv_heads, Lk, v_width)`` with
     ``Lk = len(cache) + L``, all in the op's (B, heads, length, width) layout.
+
+    It appends to ``cache``: call it inside :func:`~multihead_sdpadiff.cache.transaction` so that
+    a later failure of the call undoes the write.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -106,10 +109,7 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
 
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, width)
     if cache is not None:
-        if attn_mask is not None:
-            # Refuse a bad mask before anything is written, so that a failed call leaves the cache as it was.
-            prepare_mask(attn_mask, is_causal=False, batch=b, heads=module.num_heads, lq=length,
-                         lk=len(cache) + length, dtype=q.dtype, device=q.device)
+        # The caller runs inside cache.transaction(), which undoes this write if anything later fails.
         k, v = cache.update(k, v)  # the whole cached length
     return q, k, v
 
@@ -318,14 +318,15 @@ class MultiheadDiffAttn(nn.Module):
         Returns ``(B, L, embed_dim)``.
         """
         cu_seqlens, position_ids = packed_layout(x, position_ids, cu_seqlens, attn_mask, cache)
-        q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=2 * self.num_kv_heads,
-                              v_width=2 * self.head_dim, attn_mask=attn_mask)  # (B, 2H, L, d), (B, 2Hkv, Lk, d), (B, Hkv, Lk, 2d)
-        b, length = x.shape[:2]
-        out = attend(diff_attention, diff_attention_varlen, q, k, v, self.lambda_full(), attn_mask=attn_mask,
-                     causal=self.causal, window=self.window, scale=self.scaling, impl=self.impl,
-                     cu_seqlens=cu_seqlens)  # (B, H, L, 2d)
-        out = self.subln(out) * (1 - self.lambda_init)
-        return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+        with transaction(cache):  # a call that raises leaves the cache as it was
+            q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=2 * self.num_kv_heads,
+                                  v_width=2 * self.head_dim)  # (B, 2H, L, d), (B, 2Hkv, Lk, d), (B, Hkv, Lk, 2d)
+            b, length = x.shape[:2]
+            out = attend(diff_attention, diff_attention_varlen, q, k, v, self.lambda_full(), attn_mask=attn_mask,
+                         causal=self.causal, window=self.window, scale=self.scaling, impl=self.impl,
+                         cu_seqlens=cu_seqlens)  # (B, H, L, 2d)
+            out = self.subln(out) * (1 - self.lambda_init)
+            return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
 
     def extra_repr(self) -> str:
         return (

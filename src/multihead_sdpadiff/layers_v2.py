@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, transaction
 from .layers import _check_positive_int, attend, check_sliding_window, packed_layout, project_qkv
 from .ops.v2 import IMPLS_V2, diff_attention_v2, diff_attention_v2_varlen
 
@@ -142,13 +142,14 @@ class MultiheadDiffAttnV2(nn.Module):
         Returns ``(B, L, embed_dim)``.
         """
         cu_seqlens, position_ids = packed_layout(x, position_ids, cu_seqlens, attn_mask, cache)
-        q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads,
-                              v_width=self.head_dim, attn_mask=attn_mask)  # (B, 2H, L, d), (B, Hkv, Lk, d) each
-        b, length = x.shape[:2]
-        out = attend(diff_attention_v2, diff_attention_v2_varlen, q, k, v, self.lambda_full(x), attn_mask=attn_mask,
-                     causal=self.causal, window=self.window, scale=self.scaling, impl=self.impl,
-                     cu_seqlens=cu_seqlens)  # (B, H, L, d)
-        return self.o_proj(out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim))
+        with transaction(cache):  # a call that raises leaves the cache as it was
+            q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads,
+                                  v_width=self.head_dim)  # (B, 2H, L, d), (B, Hkv, Lk, d) each
+            b, length = x.shape[:2]
+            out = attend(diff_attention_v2, diff_attention_v2_varlen, q, k, v, self.lambda_full(x),
+                         attn_mask=attn_mask, causal=self.causal, window=self.window, scale=self.scaling,
+                         impl=self.impl, cu_seqlens=cu_seqlens)  # (B, H, L, d)
+            return self.o_proj(out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:
         return (

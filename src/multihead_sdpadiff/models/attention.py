@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache
+from ..cache import KVCache, transaction
 from ..layers import MultiheadDiffAttn, check_sliding_window, packed_layout, project_qkv
 from ..masks import check_cu_seqlens, prepare_mask
 from ..ops.reference import diff_attention_maps, softmax_or_zero
@@ -84,10 +84,9 @@ class StandardAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=False, **kw)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=False, **kw)
 
-    def _qkv(self, x, rel_pos, position_ids, cache, attn_mask=None):
+    def _qkv(self, x, rel_pos, position_ids, cache):
         """q ``(B, H, L, d)`` and every key/value ``(B, Hkv, S, d)``, after RoPE and the cache."""
-        return project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads,
-                           v_width=self.head_dim, attn_mask=attn_mask)
+        return project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads, v_width=self.head_dim)
 
     def forward(
         self,
@@ -104,21 +103,22 @@ class StandardAttention(nn.Module):
         ``cu_seqlens`` (or packed ``position_ids``) as for ``MultiheadDiffAttn``: one SDPA call per
         document. A window is one explicit band mask per call."""
         cu_seqlens, position_ids = packed_layout(x, position_ids, cu_seqlens, attn_mask, cache)
-        q, k, v = self._qkv(x, rel_pos, position_ids, cache, attn_mask)
-        b, length = x.shape[:2]
-        cu = check_cu_seqlens(cu_seqlens, "cu_seqlens", length) if cu_seqlens is not None else None
-        mask = prepare_mask(attn_mask, is_causal=self.causal, batch=b, heads=self.num_heads,
-                            lq=length, lk=k.shape[2], dtype=q.dtype, window=self.window, cu_q=cu, cu_k=cu)
+        with transaction(cache):  # a call that raises leaves the cache as it was
+            q, k, v = self._qkv(x, rel_pos, position_ids, cache)
+            b, length = x.shape[:2]
+            cu = check_cu_seqlens(cu_seqlens, "cu_seqlens", length) if cu_seqlens is not None else None
+            mask = prepare_mask(attn_mask, is_causal=self.causal, batch=b, heads=self.num_heads,
+                                lq=length, lk=k.shape[2], dtype=q.dtype, window=self.window, cu_q=cu, cu_k=cu)
 
-        def sdpa(q, k, v, _, mask, scale):
-            sdpa_mask, is_causal = mask.sdpa_args(q.device)
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=sdpa_mask, is_causal=is_causal, scale=scale,
-                enable_gqa=self.num_kv_heads != self.num_heads,
-            )
+            def sdpa(q, k, v, _, mask, scale):
+                sdpa_mask, is_causal = mask.sdpa_args(q.device)
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=sdpa_mask, is_causal=is_causal, scale=scale,
+                    enable_gqa=self.num_kv_heads != self.num_heads,
+                )
 
-        out = per_sequence(sdpa, q, k, v, None, mask, self.scaling, out_heads=self.num_heads)  # (B, H, L, d)
-        return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+            out = per_sequence(sdpa, q, k, v, None, mask, self.scaling, out_heads=self.num_heads)  # (B, H, L, d)
+            return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache
+from ..cache import KVCache, transaction
 from ..layers import MultiheadDiffAttn, RMSNorm
 from ..layers_v2 import MultiheadDiffAttnV2
 from ..ops import IMPLS
@@ -379,25 +379,27 @@ class DiffTransformer(nn.Module):
             if position_ids is None:
                 position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, L)
 
-        x = self.embed_tokens(input_ids)  # (B, L, E)
-        cos, sin = self.rope_cos, self.rope_sin
-        maps = []
-        for i, block in enumerate(self.layers):
-            c = cache[i] if cache is not None else None
-            km = key_mask
-            if km is not None and c is not None and c.is_rolling:
-                km = km[..., km.shape[-1] - (len(c) + length):]  # only the positions the rolling cache kept
-            x, layer_maps = block(x, (cos, sin), km, position_ids, c, return_attention, cu_seqlens)
-            maps.append(layer_maps)
-        logits = F.linear(self.norm(x), self.embed_tokens.weight)  # (B, L, V), tied head
+        # A call that raises (in any layer, the loss included) leaves every layer's cache as it was.
+        with transaction(*(cache if cache is not None else ())):
+            x = self.embed_tokens(input_ids)  # (B, L, E)
+            cos, sin = self.rope_cos, self.rope_sin
+            maps = []
+            for i, block in enumerate(self.layers):
+                c = cache[i] if cache is not None else None
+                km = key_mask
+                if km is not None and c is not None and c.is_rolling:
+                    km = km[..., km.shape[-1] - (len(c) + length):]  # only the positions the rolling cache kept
+                x, layer_maps = block(x, (cos, sin), km, position_ids, c, return_attention, cu_seqlens)
+                maps.append(layer_maps)
+            logits = F.linear(self.norm(x), self.embed_tokens.weight)  # (B, L, V), tied head
 
-        loss = None
-        if labels is not None:
-            if tuple(labels.shape) != (b, length):
-                raise ValueError(f"labels must be (B, L)={(b, length)}, got {tuple(labels.shape)}")
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=-100)
-        return CausalLMOutput(logits, loss, tuple(maps) if return_attention else None)
+            loss = None
+            if labels is not None:
+                if tuple(labels.shape) != (b, length):
+                    raise ValueError(f"labels must be (B, L)={(b, length)}, got {tuple(labels.shape)}")
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                       ignore_index=-100)
+            return CausalLMOutput(logits, loss, tuple(maps) if return_attention else None)
 
     # ------------------------------------------------------------------------------- generate
 
