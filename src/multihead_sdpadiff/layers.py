@@ -76,7 +76,7 @@ def check_position_ids(position_ids, batch: int, length: int):
     return position_ids
 
 
-def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width: int):
+def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width: int, cu_seqlens=None):
     """The front half shared by the differential layers: input checks, projections, RoPE, cache.
 
     ``module`` has ``q_proj`` (2H maps of width ``head_dim``), ``k_proj`` (``k_maps`` maps),
@@ -110,7 +110,10 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, width)
     if cache is not None:
         # The caller runs inside cache.transaction(), which undoes this write if anything later fails.
-        k, v = cache.update(k, v)  # the whole cached length
+        if cu_seqlens is not None:  # a packed prefill into a ragged cache: document b -> row b
+            k, v = cache.update_packed(k, v, tuple(int(c) for c in cu_seqlens.tolist()))
+        else:
+            k, v = cache.update(k, v)  # the whole cached length
     return q, k, v
 
 
@@ -147,14 +150,48 @@ def packed_layout(x, position_ids, cu_seqlens, attn_mask, cache) -> tuple[torch.
     if attn_mask is not None:
         raise ValueError("attn_mask cannot be combined with cu_seqlens: the packed documents already "
                          "define which keys each token sees")
-    if cache is not None:
-        raise ValueError("cu_seqlens cannot be combined with a cache (pack prompts for prefill without one)")
+    if cache is not None and not (isinstance(cache, KVCache) and cache.is_ragged):
+        raise ValueError("cu_seqlens cannot be combined with this cache: a packed prefill writes into a ragged "
+                         "cache (KVCache(batch_size=docs, ragged=True)), one row per document")
     cu = check_cu_seqlens(cu_seqlens, "cu_seqlens", x.shape[1], x.device)
     if position_ids is None:
         starts = torch.tensor(cu[:-1], device=x.device).repeat_interleave(
             torch.tensor([b - a for a, b in zip(cu, cu[1:], strict=False)], device=x.device))
         position_ids = (torch.arange(x.shape[1], device=x.device) - starts)[None]  # (1, total)
     return cu_seqlens, position_ids
+
+
+def ragged_prelude(cache, x, attn_mask, position_ids, cu_seqlens):
+    """For a decode step on a ragged cache: ``(old cache_seqlens, position_ids)``; else ``(None, position_ids)``.
+
+    Row ``b``'s new tokens stand at positions ``cache_seqlens[b] + l`` (RoPE, unless
+    ``position_ids`` are given)."""
+    if cache is None or not isinstance(cache, KVCache) or not cache.is_ragged or cu_seqlens is not None:
+        return None, position_ids
+    if attn_mask is not None:
+        raise ValueError("attn_mask cannot be combined with a ragged cache: each row's cache_seqlens "
+                         "already says which keys it has")
+    if x.dim() == 3 and cache.batch_size != x.shape[0]:
+        raise ValueError(f"the ragged cache holds batch_size {cache.batch_size}, got a batch of {x.shape[0]}")
+    old = cache.cache_seqlens.to(x.device)
+    if position_ids is None:
+        position_ids = old[:, None] + torch.arange(x.shape[1], device=x.device)
+    return old, position_ids
+
+
+def ragged_mask(old: torch.Tensor, length: int, lk: int, causal: bool, window) -> torch.Tensor:
+    """Bool ``(B, 1, L, Lk)`` for a ragged cache: query ``l`` of row ``b`` stands at ``p = old[b] + l``
+    and sees the keys ``t <= p`` (all ``old[b] + L`` of its own when not causal), within the window."""
+    p = old[:, None, None] + torch.arange(length, device=old.device)[None, :, None]  # (B, L, 1)
+    t = torch.arange(lk, device=old.device)[None, None, :]
+    vis = t <= p if causal else t < (old[:, None, None] + length)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            vis = vis & (t >= p - left)
+        if right >= 0:
+            vis = vis & (t <= p + right)
+    return vis[:, None]  # (B, 1, L, Lk)
 
 
 def attend(op, op_varlen, q, k, v, lam, *, attn_mask, causal, window, scale, impl, cu_seqlens):
@@ -318,12 +355,16 @@ class MultiheadDiffAttn(nn.Module):
         Returns ``(B, L, embed_dim)``.
         """
         cu_seqlens, position_ids = packed_layout(x, position_ids, cu_seqlens, attn_mask, cache)
+        old, position_ids = ragged_prelude(cache, x, attn_mask, position_ids, cu_seqlens)
+        causal, window = self.causal, self.window
         with transaction(cache):  # a call that raises leaves the cache as it was
             q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=2 * self.num_kv_heads,
-                                  v_width=2 * self.head_dim)  # (B, 2H, L, d), (B, 2Hkv, Lk, d), (B, Hkv, Lk, 2d)
+                                  v_width=2 * self.head_dim, cu_seqlens=cu_seqlens)  # (B, 2H, L, d), (B, 2Hkv, Lk, d), (B, Hkv, Lk, 2d)
             b, length = x.shape[:2]
+            if old is not None:
+                attn_mask, causal, window = ragged_mask(old, length, k.shape[2], causal, window), False, None
             out = attend(diff_attention, diff_attention_varlen, q, k, v, self.lambda_full(), attn_mask=attn_mask,
-                         causal=self.causal, window=self.window, scale=self.scaling, impl=self.impl,
+                         causal=causal, window=window, scale=self.scaling, impl=self.impl,
                          cu_seqlens=cu_seqlens)  # (B, H, L, 2d)
             out = self.subln(out) * (1 - self.lambda_init)
             return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))

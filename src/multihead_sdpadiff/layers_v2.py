@@ -6,7 +6,15 @@ import torch
 from torch import nn
 
 from .cache import KVCache, transaction
-from .layers import _check_positive_int, attend, check_sliding_window, packed_layout, project_qkv
+from .layers import (
+    _check_positive_int,
+    attend,
+    check_sliding_window,
+    packed_layout,
+    project_qkv,
+    ragged_mask,
+    ragged_prelude,
+)
 from .ops.v2 import IMPLS_V2, diff_attention_v2, diff_attention_v2_varlen
 
 __all__ = ["MultiheadDiffAttnV2"]
@@ -142,12 +150,16 @@ class MultiheadDiffAttnV2(nn.Module):
         Returns ``(B, L, embed_dim)``.
         """
         cu_seqlens, position_ids = packed_layout(x, position_ids, cu_seqlens, attn_mask, cache)
+        old, position_ids = ragged_prelude(cache, x, attn_mask, position_ids, cu_seqlens)
+        causal, window = self.causal, self.window
         with transaction(cache):  # a call that raises leaves the cache as it was
             q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads,
-                                  v_width=self.head_dim)  # (B, 2H, L, d), (B, Hkv, Lk, d) each
+                                  v_width=self.head_dim, cu_seqlens=cu_seqlens)  # (B, 2H, L, d), (B, Hkv, Lk, d) each
             b, length = x.shape[:2]
+            if old is not None:
+                attn_mask, causal, window = ragged_mask(old, length, k.shape[2], causal, window), False, None
             out = attend(diff_attention_v2, diff_attention_v2_varlen, q, k, v, self.lambda_full(x),
-                         attn_mask=attn_mask, causal=self.causal, window=self.window, scale=self.scaling,
+                         attn_mask=attn_mask, causal=causal, window=window, scale=self.scaling,
                          impl=self.impl, cu_seqlens=cu_seqlens)  # (B, H, L, d)
             return self.o_proj(out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim))
 

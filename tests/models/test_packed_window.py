@@ -197,3 +197,50 @@ def test_rolling_cache_keeps_memory_bounded():
         KVCache(keep=-1)
     with pytest.raises(ValueError, match="max_len"):
         KVCache(10, 1, keep=3)
+
+
+# ------------------------------------------------------------------------------- ragged decoding
+
+
+@pytest.mark.parametrize("attention", ["diff", "diff_v2", "standard"])
+def test_ragged_decoding_equals_each_sequence_alone(attention):
+    cfg = DiffTransformerConfig(**TINY, attention=attention, sliding_window=4,
+                                layer_types=("sliding_attention", "full_attention", "full_attention"))
+    model = DiffTransformer(cfg).double().eval()
+    lens = (5, 9, 3)
+    ids = torch.randint(0, 29, (1, sum(lens)))
+    cache = model.new_ragged_cache(len(lens))
+    with torch.no_grad():
+        logits = model(ids, cu_seqlens=cu(lens), cache=cache).logits[0]  # (total, V)
+        last = logits[cu(lens)[1:].long() - 1]  # (B, V): each document's last token
+        assert cache[0].cache_seqlens.tolist() == list(lens)
+        steps = [last]
+        for _ in range(5):
+            nxt = steps[-1].argmax(-1, keepdim=True)  # (B, 1), no padding anywhere
+            steps.append(model(nxt, cache=cache).logits[:, -1])
+        assert cache[0].cache_seqlens.tolist() == [n + 5 for n in lens]
+        got = torch.stack(steps, dim=1)  # (B, 6, V)
+        a = 0
+        for b, n in enumerate(lens):
+            alone_cache = [KVCache() for _ in model.layers]
+            out = [model(ids[:, a:a + n], cache=alone_cache).logits[:, -1]]
+            for _ in range(5):
+                out.append(model(out[-1].argmax(-1, keepdim=True), cache=alone_cache).logits[:, -1])
+            torch.testing.assert_close(got[b], torch.cat(out), rtol=1e-9, atol=1e-9)
+            a += n
+
+
+def test_ragged_cache_errors_and_rollback():
+    model = DiffTransformer(DiffTransformerConfig(**TINY)).double().eval()
+    cache = model.new_ragged_cache(2)
+    with torch.no_grad():
+        model(torch.randint(0, 29, (1, 7)), cu_seqlens=cu((3, 4)), cache=cache)
+        with pytest.raises(ValueError, match="attention_mask cannot be combined with ragged caches"):
+            model(torch.zeros(2, 1, dtype=torch.long), attention_mask=torch.ones(2, 8), cache=cache)
+        with pytest.raises(ValueError, match="ragged cache holds batch_size 2"):
+            model(torch.zeros(3, 1, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="packed row of 2 documents"):
+            model(torch.randint(0, 29, (1, 7)), cu_seqlens=cu((3, 2, 2)), cache=cache)
+    assert cache[0].cache_seqlens.tolist() == [3, 4] and all(c.cache_seqlens.tolist() == [3, 4] for c in cache)
+    with pytest.raises(ValueError, match="ragged cache needs batch_size"):
+        KVCache(ragged=True)

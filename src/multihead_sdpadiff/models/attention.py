@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache, transaction
-from ..layers import MultiheadDiffAttn, check_sliding_window, packed_layout, project_qkv
+from ..layers import (
+    MultiheadDiffAttn,
+    check_sliding_window,
+    packed_layout,
+    project_qkv,
+    ragged_mask,
+    ragged_prelude,
+)
 from ..masks import check_cu_seqlens, prepare_mask
 from ..ops.reference import diff_attention_maps, softmax_or_zero
 from ..ops.sdpa import per_sequence
@@ -84,9 +91,10 @@ class StandardAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=False, **kw)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=False, **kw)
 
-    def _qkv(self, x, rel_pos, position_ids, cache):
+    def _qkv(self, x, rel_pos, position_ids, cache, cu_seqlens=None):
         """q ``(B, H, L, d)`` and every key/value ``(B, Hkv, S, d)``, after RoPE and the cache."""
-        return project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads, v_width=self.head_dim)
+        return project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads, v_width=self.head_dim,
+                           cu_seqlens=cu_seqlens)
 
     def forward(
         self,
@@ -103,12 +111,16 @@ class StandardAttention(nn.Module):
         ``cu_seqlens`` (or packed ``position_ids``) as for ``MultiheadDiffAttn``: one SDPA call per
         document. A window is one explicit band mask per call."""
         cu_seqlens, position_ids = packed_layout(x, position_ids, cu_seqlens, attn_mask, cache)
+        old, position_ids = ragged_prelude(cache, x, attn_mask, position_ids, cu_seqlens)
+        causal, window = self.causal, self.window
         with transaction(cache):  # a call that raises leaves the cache as it was
-            q, k, v = self._qkv(x, rel_pos, position_ids, cache)
+            q, k, v = self._qkv(x, rel_pos, position_ids, cache, cu_seqlens)
             b, length = x.shape[:2]
+            if old is not None:
+                attn_mask, causal, window = ragged_mask(old, length, k.shape[2], causal, window), False, None
             cu = check_cu_seqlens(cu_seqlens, "cu_seqlens", length) if cu_seqlens is not None else None
-            mask = prepare_mask(attn_mask, is_causal=self.causal, batch=b, heads=self.num_heads,
-                                lq=length, lk=k.shape[2], dtype=q.dtype, window=self.window, cu_q=cu, cu_k=cu)
+            mask = prepare_mask(attn_mask, is_causal=causal, batch=b, heads=self.num_heads,
+                                lq=length, lk=k.shape[2], dtype=q.dtype, window=window, cu_q=cu, cu_k=cu)
 
             def sdpa(q, k, v, _, mask, scale):
                 sdpa_mask, is_causal = mask.sdpa_args(q.device)

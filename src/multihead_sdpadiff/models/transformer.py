@@ -306,6 +306,13 @@ class DiffTransformer(nn.Module):
 
     # --------------------------------------------------------------------------------- forward
 
+    def new_ragged_cache(self, batch_size: int) -> list[KVCache]:
+        """One ragged :class:`~multihead_sdpadiff.KVCache` per layer for ``batch_size`` sequences of
+        different lengths: prefill them packed (``input_ids (1, total)`` with ``cu_seqlens``, document
+        ``b`` goes to row ``b``), then decode ``(batch_size, 1)`` steps with no padding; row ``b`` equals
+        its sequence decoded alone. Sliding-window layers keep full rows and mask the window."""
+        return [KVCache(batch_size=batch_size, ragged=True) for _ in self.layers]
+
     def _check_cache(self, cache) -> int:
         if not isinstance(cache, (list, tuple)) or len(cache) != len(self.layers) or not all(
             isinstance(c, KVCache) for c in cache
@@ -365,6 +372,9 @@ class DiffTransformer(nn.Module):
             raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         b, length = input_ids.shape
         past = self._check_cache(cache) if cache is not None else 0
+        if cache is not None and cache[0].is_ragged and attention_mask is not None:
+            raise ValueError("attention_mask cannot be combined with ragged caches: each row's cache_seqlens "
+                             "says which keys it has (prefill ragged prompts packed, with cu_seqlens)")
         total = past + length
         if total > self.config.max_seq_len:
             raise ValueError(f"{total} positions exceed max_seq_len {self.config.max_seq_len}")
