@@ -33,7 +33,9 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5, *, device=None, dtype=None):
         super().__init__()
-        self.eps = eps
+        check_eps("eps", eps)
+        check_dtype(dtype)
+        self.eps = float(eps)
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +48,25 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def check_rel_pos(rel_pos, head_dim: int, needed: int | None):
+def check_eps(name: str, eps) -> None:
+    """An RMSNorm eps: a positive finite number (0 gives NaN on a row of zeros, e.g. one that sees no key)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(eps).__name__}")
+    if not 0 < eps < math.inf:
+        raise ValueError(f"{name} must be positive and finite (0 gives NaN on an all-zero row), got {eps}")
+
+
+def check_dtype(dtype) -> None:
+    """A module's ``dtype=`` argument: None or a floating torch.dtype."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype (float32, bfloat16, ...), got {dtype}")
+
+
+def check_rel_pos(rel_pos, head_dim: int, needed: int | None, device: torch.device | None = None):
     """Validate a ``(cos, sin)`` pair of ``(seqlen_ro, head_dim / 2)`` tables covering ``needed`` positions."""
     if not isinstance(rel_pos, (tuple, list)) or len(rel_pos) != 2:
         raise TypeError("rel_pos must be a (cos, sin) pair of tensors")
@@ -59,6 +79,10 @@ def check_rel_pos(rel_pos, head_dim: int, needed: int | None):
             f"rel_pos cos and sin must each be (seqlen_ro, head_dim / 2 = {want}), "
             f"got {tuple(cos.shape)} and {tuple(sin.shape)}"
         )
+    if not cos.is_floating_point() or not sin.is_floating_point():
+        raise ValueError(f"rel_pos cos and sin must be floating tables, got dtypes {cos.dtype} and {sin.dtype}")
+    if device is not None and (cos.device != device or sin.device != device):
+        raise ValueError(f"rel_pos cos and sin must be on x's device {device}, got {cos.device} and {sin.device}")
     if needed is not None and cos.shape[0] < needed:
         raise ValueError(f"rel_pos covers {cos.shape[0]} positions, need at least {needed}")
     return cos, sin
@@ -69,7 +93,7 @@ def check_position_ids(position_ids, batch: int, length: int):
         return None
     if not isinstance(position_ids, torch.Tensor):
         raise TypeError(f"position_ids must be a tensor or None, got {type(position_ids).__name__}")
-    if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+    if position_ids.dtype.is_floating_point or position_ids.is_complex() or position_ids.dtype == torch.bool:
         raise ValueError(f"position_ids must hold integers, got dtype {position_ids.dtype}")
     if tuple(position_ids.shape) != (batch, length):
         raise ValueError(f"position_ids must be (B, L)={(batch, length)}, got {tuple(position_ids.shape)}")
@@ -92,6 +116,11 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != module.embed_dim:
         raise ValueError(f"x must be (B, L, embed_dim={module.embed_dim}), got shape {tuple(x.shape)}")
+    weight = module.q_proj.weight
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x must have the layer's dtype {weight.dtype}, got {x.dtype} (cast x or the layer with .to())")
+    if x.device != weight.device:
+        raise ValueError(f"x must be on the layer's device {weight.device}, got {x.device}")
     if cache is not None and not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
     b, length, _ = x.shape
@@ -99,16 +128,24 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
     past = cache.seen_tokens if cache is not None else 0  # absolute position of the first new token
     position_ids = check_position_ids(position_ids, b, length)
 
-    q = module.q_proj(x).view(b, length, -1, d)
+    # Explicit sizes (no -1), so that an empty x (B = 0 or L = 0) reshapes too.
+    q = module.q_proj(x).view(b, length, module.q_proj.out_features // d, d)
     k = module.k_proj(x).view(b, length, k_maps, d)
     v = module.v_proj(x).view(b, length, module.num_kv_heads, v_width)
     if rel_pos is not None:
-        cos, sin = check_rel_pos(rel_pos, d, past + length if position_ids is None else None)
+        cos, sin = check_rel_pos(rel_pos, d, past + length if position_ids is None else None, x.device)
         q = apply_rotary_emb(q, cos, sin, True, past, position_ids=position_ids)
         k = apply_rotary_emb(k, cos, sin, True, past, position_ids=position_ids)
 
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, width)
     if cache is not None:
+        if x.numel() == 0:
+            # Nothing to append: check that the call fits the cache, but leave it untouched
+            # (a first write would allocate its buffers). The queries attend over nothing.
+            cache._check(k, v)
+            if len(cache):
+                k, v = cache.keys(), cache.values()  # so that a (B, ·, 0, len(cache)) mask still fits
+            return q, k, v
         # The caller runs inside cache.transaction(), which undoes this write if anything later fails.
         if cu_seqlens is not None:  # a packed prefill into a ragged cache: document b -> row b
             k, v = cache.update_packed(k, v, tuple(int(c) for c in cu_seqlens.tolist()))
@@ -208,6 +245,19 @@ def attend(op, op_varlen, q, k, v, lam, *, attn_mask, causal, window, scale, imp
     return out.transpose(0, 1).unsqueeze(0)
 
 
+def check_mask_heads(attn_mask, heads: int) -> None:
+    """V1's mask head axis counts differential heads H = num_heads // 2: say so when it does not fit."""
+    if not isinstance(attn_mask, torch.Tensor) or not 3 <= attn_mask.dim() <= 4:
+        return  # prepare_mask gives the general errors
+    n = attn_mask.shape[-3]
+    if n not in (1, heads):
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} has {n} heads on its head axis; this layer has "
+            f"H = num_heads // 2 = {heads} differential heads (the constructor's num_heads={2 * heads} counts "
+            f"the baseline's heads), so the head axis must be 1 or {heads}"
+        )
+
+
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -275,6 +325,8 @@ class MultiheadDiffAttn(nn.Module):
             raise ValueError(f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads} and not exceed it")
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        check_eps("norm_eps", norm_eps)
+        check_dtype(dtype)
 
         self.embed_dim = embed_dim
         self.num_heads = num_heads // 2  # differential heads H
@@ -354,6 +406,7 @@ class MultiheadDiffAttn(nn.Module):
 
         Returns ``(B, L, embed_dim)``.
         """
+        check_mask_heads(attn_mask, self.num_heads)
         cu_seqlens, position_ids = packed_layout(x, position_ids, cu_seqlens, attn_mask, cache)
         old, position_ids = ragged_prelude(cache, x, attn_mask, position_ids, cu_seqlens)
         causal, window = self.causal, self.window

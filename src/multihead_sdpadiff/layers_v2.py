@@ -9,6 +9,7 @@ from .cache import KVCache, transaction
 from .layers import (
     _check_positive_int,
     attend,
+    check_dtype,
     check_sliding_window,
     packed_layout,
     project_qkv,
@@ -81,6 +82,7 @@ class MultiheadDiffAttnV2(nn.Module):
         _check_positive_int("head_dim", head_dim)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        check_dtype(dtype)
 
         self.embed_dim = embed_dim
         self.num_heads = num_heads

@@ -11,19 +11,25 @@ Weights trained with one layout need their q/k projection rows permuted to be us
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 __all__ = ["RotaryEmbedding", "apply_rotary_emb"]
 
 
-def _check_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> int:
+def _check_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int, device: torch.device | None = None) -> int:
     if not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor):
         raise TypeError("cos and sin must be tensors of shape (seqlen_ro, rotary_dim / 2)")
     if cos.dim() != 2 or cos.shape != sin.shape:
         raise ValueError(
             f"cos and sin must both be (seqlen_ro, rotary_dim / 2), got {tuple(cos.shape)} and {tuple(sin.shape)}"
         )
+    if not cos.is_floating_point() or not sin.is_floating_point():
+        raise ValueError(f"cos and sin must be floating tables, got dtypes {cos.dtype} and {sin.dtype}")
+    if device is not None and (cos.device != device or sin.device != device):
+        raise ValueError(f"cos and sin must be on x's device {device}, got {cos.device} and {sin.device}")
     rotary_dim = 2 * cos.shape[1]
     if rotary_dim > head_dim or rotary_dim == 0:
         raise ValueError(
@@ -31,6 +37,13 @@ def _check_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> int:
             f"(rotary_dim = 2 * width must not exceed head_dim {head_dim})"
         )
     return rotary_dim
+
+
+def _check_integer_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integers, got dtype {t.dtype}")
 
 
 def apply_rotary_emb(
@@ -48,28 +61,41 @@ def apply_rotary_emb(
         x: ``(B, L, heads, head_dim)``.
         cos, sin: ``(seqlen_ro, rotary_dim / 2)``, row ``p`` = position ``p``.
         interleaved: GPT-J pairs ``(2j, 2j+1)`` if True, else NeoX pairs ``(j, j + rotary_dim/2)``.
-        seqlen_offsets: token ``l`` of sequence ``b`` takes position ``offset + l``; an int, or a
-            ``(B,)`` integer tensor (one offset per sequence, as with a KV cache).
-        position_ids: optional ``(B, L)`` integer positions; overrides ``seqlen_offsets``. Eager
-            calls check that they lie inside the tables; compiled graphs skip that check, which
-            would read tensor values.
+        seqlen_offsets: token ``l`` of sequence ``b`` takes position ``offset + l``; an int >= 0, or
+            a ``(B,)`` integer tensor (one offset per sequence, as with a KV cache).
+        position_ids: optional ``(B, L)`` integer positions (any integer dtype); overrides
+            ``seqlen_offsets``. Eager calls check that tensor positions lie inside the tables
+            (negative ones included); compiled graphs skip that check, which would read tensor
+            values. cos and sin must be floating and on x's device.
 
     The rotation is computed in float32 (float64 for float64 input) and cast back to ``x.dtype``.
     Features past ``rotary_dim`` pass through unchanged.
     """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor (B, L, heads, head_dim), got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"x must be (B, L, heads, head_dim), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
     b, length, _, head_dim = x.shape
-    rot = _check_tables(cos, sin, head_dim)
+    rot = _check_tables(cos, sin, head_dim, x.device)
     if position_ids is not None:
+        _check_integer_tensor("position_ids", position_ids)
         if position_ids.shape != (b, length):
             raise ValueError(f"position_ids must be (B, L)={(b, length)}, got {tuple(position_ids.shape)}")
-        pos = position_ids
+        pos = position_ids.long()  # uint8 would index as a mask
     elif isinstance(seqlen_offsets, torch.Tensor):
+        _check_integer_tensor("seqlen_offsets", seqlen_offsets)
         if seqlen_offsets.shape != (b,):
             raise ValueError(f"seqlen_offsets tensor must be (B,)={(b,)}, got {tuple(seqlen_offsets.shape)}")
-        pos = seqlen_offsets[:, None] + torch.arange(length, device=seqlen_offsets.device)
+        # The bounds check below (eager only) refuses negative offsets.
+        pos = seqlen_offsets.long()[:, None] + torch.arange(length, device=seqlen_offsets.device)
     else:
+        if isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, (int, torch.SymInt)):
+            raise TypeError(f"seqlen_offsets must be an int or a (B,) integer tensor, got {type(seqlen_offsets).__name__}")
+        if seqlen_offsets < 0:
+            raise ValueError(f"seqlen_offsets must be >= 0 (a negative offset would wrap around the tables), "
+                             f"got {seqlen_offsets}")
         pos = None
         if seqlen_offsets + length > cos.shape[0]:
             raise ValueError(
@@ -86,7 +112,9 @@ def apply_rotary_emb(
         if not torch.compiler.is_compiling() and pos.numel() and (
             int(pos.min()) < 0 or int(pos.max()) >= cos.shape[0]
         ):
-            raise ValueError(f"positions must lie in [0, {cos.shape[0]}) for these rotary tables")
+            what = "position_ids" if position_ids is not None else "seqlen_offsets + l"
+            raise ValueError(f"positions ({what}) must lie in [0, {cos.shape[0]}) for these rotary tables, "
+                             f"got [{int(pos.min())}, {int(pos.max())}]")
         pos = pos.to(cos.device)
         c = cos[pos].to(work)[:, :, None]  # (B, L, 1, rot/2)
         s = sin[pos].to(work)[:, :, None]
@@ -116,8 +144,10 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, base: float = 10000.0):
         super().__init__()
-        if not isinstance(dim, int) or dim <= 0 or dim % 2:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
             raise ValueError(f"dim must be a positive even int, got {dim!r}")
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 < base < math.inf:
+            raise ValueError(f"base must be a positive finite number (RoPE's θ), got {base!r}")
         self.dim = dim
         self.base = float(base)
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

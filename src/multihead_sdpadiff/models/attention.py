@@ -20,6 +20,7 @@ from torch import nn
 from ..cache import KVCache, transaction
 from ..layers import (
     MultiheadDiffAttn,
+    check_dtype,
     check_sliding_window,
     packed_layout,
     project_qkv,
@@ -78,6 +79,9 @@ class StandardAttention(nn.Module):
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads}")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        check_dtype(dtype)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache, transaction
-from ..layers import MultiheadDiffAttn, RMSNorm
+from ..layers import MultiheadDiffAttn, RMSNorm, check_dtype
 from ..layers_v2 import MultiheadDiffAttnV2
 from ..ops import IMPLS
+from ..ops.v2 import IMPLS_V2
 from ..rotary import RotaryEmbedding
 from .attention import ATTENTIONS, LayerAttention, StandardAttention, attention_maps
 
@@ -34,6 +35,18 @@ LAYER_TYPES: tuple[str, ...] = ("full_attention", "sliding_attention")
 
 def _bad(field: str, why: str, value) -> ValueError:
     return ValueError(f"DiffTransformerConfig.{field} {why}, got {value!r}")
+
+
+def check_values(t: torch.Tensor) -> bool:
+    """Whether to run checks that read tensor values (token id and label ranges).
+
+    Reading a value forces a device synchronisation, so these checks run on CPU tensors always, on
+    other devices only when the environment sets ``SDPADIFF_DEBUG=1``, and never inside a
+    ``torch.compile`` region (a graph cannot branch on values).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or os.environ.get("SDPADIFF_DEBUG") == "1"
 
 
 @dataclass
@@ -101,8 +114,8 @@ class DiffTransformerConfig:
                 raise _bad(name, "must be a positive int or None", value)
         for name in ("rope_base", "norm_eps", "init_std"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise _bad(name, "must be a positive number", value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise _bad(name, "must be a positive finite number", value)
         if self.layer_types is not None:
             if not isinstance(self.layer_types, (tuple, list)) or len(self.layer_types) != self.num_layers or any(
                 t not in LAYER_TYPES for t in self.layer_types
@@ -120,6 +133,8 @@ class DiffTransformerConfig:
             raise _bad("impl", "must be a str", self.impl)
         if self.attention == "diff" and self.impl not in IMPLS:
             raise _bad("impl", f"must be one of {IMPLS} for attention='diff'", self.impl)
+        if self.attention == "diff_v2" and self.impl not in IMPLS_V2:
+            raise _bad("impl", f"must be one of {IMPLS_V2} for attention='diff_v2'", self.impl)
         if self.embed_dim % self.num_heads:
             raise _bad("num_heads", f"must divide embed_dim {self.embed_dim}", self.num_heads)
         if (self.embed_dim // self.num_heads) % 2:
@@ -246,6 +261,7 @@ class DiffTransformer(nn.Module):
             raise TypeError("give a DiffTransformerConfig or its fields as keywords, not both")
         if not isinstance(config, DiffTransformerConfig):
             raise TypeError(f"config must be a DiffTransformerConfig, got {type(config).__name__}")
+        check_dtype(dtype)
         self.config = config
         kw = {"device": device, "dtype": dtype}
         self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim, **kw)
@@ -368,9 +384,26 @@ class DiffTransformer(nn.Module):
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a (B, L) tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        vocab = self.config.vocab_size
+        if input_ids.dtype.is_floating_point or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.numel() and check_values(input_ids):
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"input_ids must lie in [0, vocab_size={vocab}), got values in [{lo}, {hi}]")
         b, length = input_ids.shape
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor):
+                raise TypeError(f"labels must be a tensor or None, got {type(labels).__name__}")
+            if tuple(labels.shape) != (b, length):
+                raise ValueError(f"labels must be (B, L)={(b, length)}, got {tuple(labels.shape)}")
+            if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
+                raise ValueError(f"labels must hold integer token ids (or -100), got dtype {labels.dtype}")
+            if labels.numel() and check_values(labels):
+                bad = (labels != -100) & ((labels < 0) | (labels >= vocab))
+                if bool(bad.any()):
+                    raise ValueError(f"labels must lie in [0, vocab_size={vocab}) or be -100 (ignored), "
+                                     f"got {int(labels[bad][0])}")
         past = self._check_cache(cache) if cache is not None else 0
         if cache is not None and cache[0].is_ragged and attention_mask is not None:
             raise ValueError("attention_mask cannot be combined with ragged caches: each row's cache_seqlens "
@@ -405,8 +438,6 @@ class DiffTransformer(nn.Module):
 
             loss = None
             if labels is not None:
-                if tuple(labels.shape) != (b, length):
-                    raise ValueError(f"labels must be (B, L)={(b, length)}, got {tuple(labels.shape)}")
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                        ignore_index=-100)
             return CausalLMOutput(logits, loss, tuple(maps) if return_attention else None)
@@ -450,8 +481,8 @@ class DiffTransformer(nn.Module):
             raise ValueError("input_ids must be a (B, P) tensor with P >= 1")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         b, prompt = input_ids.shape
@@ -508,12 +539,36 @@ class DiffTransformer(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, map_location=None) -> DiffTransformer:
-        """Rebuild a model written by :meth:`save_checkpoint` (loaded with ``weights_only=True``)."""
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        """Rebuild a model written by :meth:`save_checkpoint` (loaded with ``weights_only=True``).
+
+        A file that cannot be opened raises the ``OSError`` of ``open`` (``FileNotFoundError``, …).
+        A file that is truncated, empty, not a checkpoint of this format, or whose config, tensor
+        names, shapes or dtypes do not fit together raises a ValueError naming the file.
+        """
+        name = os.fspath(path)
+        with open(path, "rb") as f:
+            try:
+                blob = torch.load(f, map_location=map_location, weights_only=True)
+            except Exception as exc:  # EOFError, OSError, RuntimeError, UnpicklingError: unreadable
+                raise ValueError(f"{name!r} is not a readable checkpoint (truncated, empty or not written by "
+                                 f"torch.save): {type(exc).__name__}: {exc}") from exc
         if not isinstance(blob, dict) or blob.get("format") != _CHECKPOINT_FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not a DiffTransformer checkpoint ({_CHECKPOINT_FORMAT})")
-        model = cls(DiffTransformerConfig(**blob["config"]), device="meta")
-        model.load_state_dict(blob["state_dict"], assign=True)  # strict: no parameter stays on meta
+            raise ValueError(f"{name!r} is not a DiffTransformer checkpoint ({_CHECKPOINT_FORMAT})")
+        config, state = blob.get("config"), blob.get("state_dict")
+        if not isinstance(config, dict) or not isinstance(state, dict):
+            raise ValueError(f"{name!r} lacks its 'config' or 'state_dict' dict")
+        try:
+            config = DiffTransformerConfig(**config)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name!r} holds an invalid config: {exc}") from exc
+        dtypes = {t.dtype for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+        if len(dtypes) > 1:
+            raise ValueError(f"{name!r} mixes tensor dtypes {sorted(str(d) for d in dtypes)}; a model has one dtype")
+        model = cls(config, device="meta")
+        try:
+            model.load_state_dict(state, assign=True)  # strict: no parameter stays on meta
+        except RuntimeError as exc:
+            raise ValueError(f"{name!r} does not match its config: {exc}") from exc
         weight = model.embed_tokens.weight
         model.rope_cos, model.rope_sin = model._rope_tables(weight.device, weight.dtype)
         return model

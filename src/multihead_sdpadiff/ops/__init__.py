@@ -12,7 +12,7 @@ from . import reference as _reference
 from . import sdpa as _sdpa
 from . import triton_fused as _triton_fused
 from .registry import FLOAT_DTYPES as _FLOAT
-from .registry import AutoRule, OpInputs, Registry, Strategy, check_qkv, check_scale
+from .registry import AutoRule, OpInputs, Registry, Strategy, check_lam_tensor, check_qkv, check_scale
 
 __all__ = [
     "AUTO_RULES", "AutoRule", "IMPLS", "REGISTRY", "OpInputs", "Strategy", "choose_impl", "diff_attention",
@@ -115,6 +115,7 @@ def _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale, window=None, cu=
     if isinstance(lambda_full, bool) or not isinstance(lambda_full, (int, float, torch.Tensor)):
         raise TypeError(f"lambda_full must be a float, a 0-dim tensor or an (H,) tensor, got {type(lambda_full).__name__}")
     if isinstance(lambda_full, torch.Tensor):
+        check_lam_tensor("lambda_full", lambda_full, q.device)
         if lambda_full.dim() == 0:
             lam = lambda_full.to(device=q.device, dtype=work).expand(h)
         elif tuple(lambda_full.shape) == (h,):

@@ -16,7 +16,7 @@ import torch
 
 from ..masks import AttentionMask
 
-__all__ = ["AutoRule", "OpInputs", "Registry", "Strategy", "check_qkv", "check_scale"]
+__all__ = ["AutoRule", "OpInputs", "Registry", "Strategy", "check_lam_tensor", "check_qkv", "check_scale"]
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,17 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(f"q must be (B, 2H, Lq, d) with an even, non-zero number of maps, got {tuple(q.shape)}")
     if q.shape[3] == 0:
         raise ValueError("head dim d must be positive")
+
+
+def check_lam_tensor(name: str, lam: torch.Tensor, device: torch.device) -> None:
+    """A λ tensor must be real floating (not bool, integer or complex) and on the queries' device.
+
+    A 0-dim CPU tensor is accepted with CUDA queries, as torch treats it as a scalar.
+    """
+    if not lam.is_floating_point():
+        raise ValueError(f"{name} must be a real floating tensor, got dtype {lam.dtype}")
+    if lam.device != device and not (lam.dim() == 0 and lam.device.type == "cpu"):
+        raise ValueError(f"{name} must be on the queries' device {device}, got {lam.device}")
 
 
 def check_scale(scale, head_dim: int) -> float:

@@ -21,7 +21,7 @@ import torch
 from ..masks import AttentionMask, prepare_mask
 from .reference import diff_attention_maps
 from .registry import FLOAT_DTYPES as _FLOAT
-from .registry import AutoRule, OpInputs, Registry, Strategy, check_qkv, check_scale
+from .registry import AutoRule, OpInputs, Registry, Strategy, check_lam_tensor, check_qkv, check_scale
 from .sdpa import _sdpa, per_sequence
 
 __all__ = ["IMPLS_V2", "REGISTRY_V2", "diff_attention_v2", "diff_attention_v2_varlen"]
@@ -92,8 +92,7 @@ def _prepare(q, k, v, lam, attn_mask, is_causal, scale, window=None, cu=None) ->
     if isinstance(lam, bool) or not isinstance(lam, (int, float, torch.Tensor)):
         raise TypeError(f"lam must be a float or a tensor of shape (), (H,) or (B, H, Lq), got {type(lam).__name__}")
     if isinstance(lam, torch.Tensor):
-        if not lam.is_floating_point():
-            raise ValueError(f"lam must be a floating tensor, got dtype {lam.dtype}")
+        check_lam_tensor("lam", lam, q.device)
         if lam.dim() == 0:
             lam = lam[None, None, None]
         elif tuple(lam.shape) == (h,):
