@@ -147,7 +147,7 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
                 k, v = cache.keys(), cache.values()  # so that a (B, ·, 0, len(cache)) mask still fits
             return q, k, v
         # The caller runs inside cache.transaction(), which undoes this write if anything later fails.
-        if cu_seqlens is not None:  # a packed prefill into a ragged cache: document b -> row b
+        if cu_seqlens is not None and cache.is_ragged:  # a packed prefill into a ragged cache: document b -> row b
             k, v = cache.update_packed(k, v, tuple(int(c) for c in cu_seqlens.tolist()))
         else:
             k, v = cache.update(k, v)  # the whole cached length
@@ -187,9 +187,10 @@ def packed_layout(x, position_ids, cu_seqlens, attn_mask, cache) -> tuple[torch.
     if attn_mask is not None:
         raise ValueError("attn_mask cannot be combined with cu_seqlens: the packed documents already "
                          "define which keys each token sees")
-    if cache is not None and not (isinstance(cache, KVCache) and cache.is_ragged):
-        raise ValueError("cu_seqlens cannot be combined with this cache: a packed prefill writes into a ragged "
-                         "cache (KVCache(batch_size=docs, ragged=True)), one row per document")
+    if cache is not None and not (isinstance(cache, KVCache) and (cache.is_ragged or (len(cache) == 0 and not cache.is_rolling))):
+        raise ValueError("cu_seqlens cannot be combined with a non-empty cache: a packed prefill writes into a "
+                         "ragged cache (KVCache(batch_size=docs, ragged=True)), one row per document, or into an "
+                         "empty cache as one row")
     cu = check_cu_seqlens(cu_seqlens, "cu_seqlens", x.shape[1], x.device)
     if position_ids is None:
         starts = torch.tensor(cu[:-1], device=x.device).repeat_interleave(

@@ -93,8 +93,12 @@ def test_packed_layer_errors():
         layer(x, cu_seqlens=c)
     with pytest.raises(ValueError, match="attn_mask cannot be combined with cu_seqlens"):
         layer(x[:1], attn_mask=torch.ones(10, 10, dtype=torch.bool), cu_seqlens=c)
-    with pytest.raises(ValueError, match="cu_seqlens cannot be combined with a cache"):
-        layer(x[:1], cu_seqlens=c, cache=KVCache())
+    cache = KVCache()
+    with torch.no_grad():
+        layer(x[:1, :3], cache=cache)
+    with pytest.raises(ValueError, match="cu_seqlens cannot be combined with a non-empty cache"):
+        layer(x[:1], cu_seqlens=c, cache=cache)
+    assert len(cache) == 3
     with pytest.raises(ValueError, match="cu_seqlens must end at the total length 10"):
         layer(x[:1], cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32))
     for bad in (0, -3):
