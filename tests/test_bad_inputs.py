@@ -159,6 +159,12 @@ def test_x_of_another_dtype_or_device(layer):
         m(torch.randn(1, 3, 32, device="meta"))
 
 
+def test_autocast_still_accepts_x_of_another_dtype():
+    m = MultiheadDiffAttn(32, 0, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(torch.randn(1, 3, 32, dtype=torch.bfloat16)).shape == (1, 3, 32)
+
+
 @pytest.mark.parametrize("layer", [*LAYERS, "model"])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float32"])
 def test_layer_dtype_argument(layer, dtype):
@@ -273,3 +279,14 @@ def test_bad_checkpoints(tmp_path):
     loaded = DiffTransformer.from_checkpoint(good)
     ids = torch.randint(0, 32, (1, 4))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+# ------------------------------------------------------------------------ item 12: H in errors
+
+
+def test_v1_mask_with_the_constructors_head_count_says_h_is_halved():
+    m = MultiheadDiffAttn(48, 0, 12)  # H = 6 differential heads
+    assert m.num_heads == 6 and MultiheadDiffAttnV2(48, 12).num_heads == 12
+    with pytest.raises(ValueError, match=r"H = num_heads // 2 = 6 differential heads .*num_heads=12"):
+        m(torch.randn(1, 3, 48), attn_mask=torch.ones(1, 12, 3, 3, dtype=torch.bool))
+    m(torch.randn(1, 3, 48), attn_mask=torch.ones(1, 6, 3, 3, dtype=torch.bool))

@@ -226,6 +226,9 @@ def test_quick_run_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert results["command"].startswith("sdpadiff demo --quick --steps 12")
     assert results["command"] in report
+    load = results["load"]  # why a run took longer: recorded with the results and stated in the report
+    assert set(load) >= {"load_average_start", "load_average_end", "cores", "threads", "cpu_share"}
+    assert "Machine load: 1-minute load average" in report
     expected = {"standard", "diff"} | ({"diff_v2"} if not results["skipped"] else set())
     assert set(results["models"]) == expected
     assert set(results["skipped"]) <= {"diff_v2"}

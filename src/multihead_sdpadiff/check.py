@@ -65,6 +65,14 @@ def run_check(device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int
     return rows
 
 
+def count_rows(rows: list[dict]) -> dict[str, int]:
+    """``{"passed", "failed", "skipped"}``: a strategy that refused the case (its reason in the
+    status) is a skip, not a pass; a FAIL or an error is a failure."""
+    skipped = sum(r["status"].startswith("skip") for r in rows)
+    failed = sum(r["status"] == "FAIL" or r["status"].startswith("error") for r in rows)
+    return {"passed": len(rows) - skipped - failed, "failed": failed, "skipped": skipped}
+
+
 def format_table(rows: list[dict]) -> str:
     width = max(len(r["case"]) for r in rows)
     impw = max(len(r["impl"]) for r in rows)

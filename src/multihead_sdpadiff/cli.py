@@ -11,19 +11,26 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch
 
 
 def _check(argv: list[str]) -> int:
-    from .check import format_table, run_check
+    from .check import count_rows, format_table, run_check
 
     p = argparse.ArgumentParser(prog="sdpadiff check", description=(
         "Run every strategy against the float64 reference on this device and print the errors."))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     args = p.parse_args(argv)
-    rows = run_check(args.device, _DTYPES[args.dtype])
-    print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {device}: torch sees no CUDA device here")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError) as exc:
+        p.error(f"--device {device}: {exc}")
+    rows = run_check(device, _DTYPES[args.dtype])
+    print(f"torch {torch.__version__}, device {device}, dtype {args.dtype}")
     print(format_table(rows))
-    failed = [r for r in rows if r["status"] == "FAIL" or r["status"].startswith("error")]
-    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    counts = count_rows(rows)
+    print(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped")
+    return 1 if counts["failed"] else 0
 
 
 def _bench(argv: list[str]) -> int:
@@ -38,13 +45,48 @@ def _demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+#: Each subcommand, its function and the line the top-level help shows for it.
+COMMANDS = {
+    "check": (_check, "run every strategy against the float64 reference on this device; print the errors"),
+    "bench": (_bench, "time every strategy against standard attention of the same width; "
+                      "write results.json and plots"),
+    "demo": (_demo, "train standard, diff and diff_v2 models on a noisy recall task; write report.md"),
+}
+
+
+def _usage() -> str:
+    from . import __version__
+
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: sdpadiff COMMAND [options]",
+        "       sdpadiff COMMAND --help     (options of one command)",
+        "       sdpadiff --version",
+        "",
+        f"Differential attention on PyTorch SDPA (multihead-sdpadiff {__version__}).",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {line}" for name, (_, line) in COMMANDS.items()),
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"check": _check, "bench": _bench, "demo": _demo}
-    if not argv or argv[0] not in commands:
-        print(f"usage: sdpadiff {{{','.join(commands)}}} [options]  (sdpadiff COMMAND --help)", file=sys.stderr)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        if len(argv) > 1 and argv[0] == "help" and argv[1] in COMMANDS:
+            return COMMANDS[argv[1]][0](["--help"])  # `sdpadiff help bench` = `sdpadiff bench --help`
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"sdpadiff (multihead-sdpadiff) {__version__}, torch {torch.__version__}")
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"sdpadiff: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return commands[argv[0]](argv[1:])
+    return COMMANDS[argv[0]][0](argv[1:])
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
     if x.dim() != 3 or x.shape[-1] != module.embed_dim:
         raise ValueError(f"x must be (B, L, embed_dim={module.embed_dim}), got shape {tuple(x.shape)}")
     weight = module.q_proj.weight
-    if x.dtype != weight.dtype:
+    # Under autocast the projections cast x themselves, so any floating x is fine there.
+    if x.dtype != weight.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
         raise ValueError(f"x must have the layer's dtype {weight.dtype}, got {x.dtype} (cast x or the layer with .to())")
     if x.device != weight.device:
         raise ValueError(f"x must be on the layer's device {weight.device}, got {x.device}")
@@ -128,10 +129,12 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
     past = cache.seen_tokens if cache is not None else 0  # absolute position of the first new token
     position_ids = check_position_ids(position_ids, b, length)
 
-    # Explicit sizes (no -1), so that an empty x (B = 0 or L = 0) reshapes too.
-    q = module.q_proj(x).view(b, length, module.q_proj.out_features // d, d)
-    k = module.k_proj(x).view(b, length, k_maps, d)
-    v = module.v_proj(x).view(b, length, module.num_kv_heads, v_width)
+    # Sizes from each projection's output (no -1, so that an empty x reshapes too): under tensor
+    # parallelism (parallel.py) a rank's projections hold a slice of the maps.
+    q, k, v = module.q_proj(x), module.k_proj(x), module.v_proj(x)
+    q = q.view(b, length, q.shape[-1] // d, d)
+    k = k.view(b, length, k.shape[-1] // d, d)
+    v = v.view(b, length, v.shape[-1] // v_width, v_width)
     if rel_pos is not None:
         cos, sin = check_rel_pos(rel_pos, d, past + length if position_ids is None else None, x.device)
         q = apply_rotary_emb(q, cos, sin, True, past, position_ids=position_ids)
@@ -237,7 +240,8 @@ def attend(op, op_varlen, q, k, v, lam, *, attn_mask, causal, window, scale, imp
     the one packed row ``B = 1`` with ``cu_seqlens`` (``lam`` per token ``(1, H, L)`` for V2).
     Returns ``(B, H, L, width)``."""
     if cu_seqlens is None:
-        return op(q, k, v, lam, attn_mask=attn_mask, is_causal=causal, window=window, scale=scale, impl=impl)
+        extra = {"window": window} if window is not None else {}  # ops swapped in by parallel.py take no window
+        return op(q, k, v, lam, attn_mask=attn_mask, is_causal=causal, scale=scale, impl=impl, **extra)
     longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     if isinstance(lam, torch.Tensor) and lam.dim() == 3:
         lam = lam[0].transpose(0, 1)  # (total, H)
@@ -283,6 +287,11 @@ class MultiheadDiffAttn(nn.Module):
         norm_eps: eps of the per-head RMSNorm (``subln``), default 1e-5.
         sliding_window: ``W`` or ``None``: each query sees itself and the ``W - 1`` keys before it
             (transformers' convention; the op's ``window = (W - 1, 0)``, bottom-right aligned).
+
+    Attributes: ``num_heads`` is ``H = num_heads // 2`` (the differential heads, *not* the
+    constructor's count), ``num_kv_heads`` is ``Hkv = num_kv_heads // 2``, ``head_dim`` is ``d``.
+    unilm's ``MultiheadDiffAttn`` takes these halved counts as its arguments: pass twice its
+    ``num_heads`` (and kv heads) here to load its checkpoints.
 
     Parameters (the names and shapes of unilm's and the original project's checkpoints):
     ``q_proj`` (E → E), ``k_proj`` and ``v_proj`` (E → E·Hkv/H), ``out_proj`` (E → E), all without
@@ -365,6 +374,10 @@ class MultiheadDiffAttn(nn.Module):
             raise ValueError(f"impl must be one of {IMPLS}, got {value!r}")
         self._impl = value
 
+    # The attention core, called with diff_attention's arguments; context_parallel (parallel.py)
+    # replaces it on an instance with one that gathers keys and values over the sequence shards.
+    _attend = staticmethod(diff_attention)
+
     def reset_lambda_parameters(self) -> None:
         for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
             nn.init.normal_(p, mean=0.0, std=0.1)
@@ -389,7 +402,8 @@ class MultiheadDiffAttn(nn.Module):
     ) -> torch.Tensor:
         """Args:
             x: ``(B, L, embed_dim)``, or one packed row ``(1, total, embed_dim)`` of documents.
-            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; row ``p`` holds
+            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; ``None`` (the
+                default) applies no RoPE at all. Row ``p`` holds
                 absolute position ``p``. Applied GPT-J style (interleaved) to q and k.
             attn_mask: optional bool (True = may attend) or additive float mask broadcastable to
                 ``(B, H, L, Lk)`` with ``H = num_heads // 2`` and ``Lk = len(cache) + L`` (``L``
@@ -417,11 +431,11 @@ class MultiheadDiffAttn(nn.Module):
             b, length = x.shape[:2]
             if old is not None:
                 attn_mask, causal, window = ragged_mask(old, length, k.shape[2], causal, window), False, None
-            out = attend(diff_attention, diff_attention_varlen, q, k, v, self.lambda_full(), attn_mask=attn_mask,
+            out = attend(self._attend, diff_attention_varlen, q, k, v, self.lambda_full(), attn_mask=attn_mask,
                          causal=causal, window=window, scale=self.scaling, impl=self.impl,
                          cu_seqlens=cu_seqlens)  # (B, H, L, 2d)
             out = self.subln(out) * (1 - self.lambda_init)
-            return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+            return self.out_proj(out.transpose(1, 2).reshape(b, length, out.shape[1] * out.shape[3]))  # local H under TP
 
     def extra_repr(self) -> str:
         return (

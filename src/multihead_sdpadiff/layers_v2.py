@@ -111,6 +111,10 @@ class MultiheadDiffAttnV2(nn.Module):
             raise ValueError(f"impl must be one of {IMPLS_V2}, got {value!r}")
         self._impl = value
 
+    # The attention core, called with diff_attention_v2's arguments; context_parallel (parallel.py)
+    # replaces it on an instance with one that gathers keys and values over the sequence shards.
+    _attend = staticmethod(diff_attention_v2)
+
     def lambda_full(self, x: torch.Tensor) -> torch.Tensor:
         """λ = sigmoid(lambda_proj(x)) as ``(B, H, L)``: the projection runs in the module dtype, the
         sigmoid in float32 (float64 for float64 input)."""
@@ -130,7 +134,8 @@ class MultiheadDiffAttnV2(nn.Module):
     ) -> torch.Tensor:
         """Args:
             x: ``(B, L, embed_dim)``, or one packed row ``(1, total, embed_dim)`` of documents.
-            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; row ``p`` holds
+            rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; ``None`` (the
+                default) applies no RoPE at all. Row ``p`` holds
                 absolute position ``p``. Applied GPT-J style (interleaved), as the authors do, to
                 all ``2H`` query maps and the ``Hkv`` key heads (not to v).
             attn_mask: optional bool (True = may attend) or additive float mask broadcastable to
@@ -160,10 +165,10 @@ class MultiheadDiffAttnV2(nn.Module):
             b, length = x.shape[:2]
             if old is not None:
                 attn_mask, causal, window = ragged_mask(old, length, k.shape[2], causal, window), False, None
-            out = attend(diff_attention_v2, diff_attention_v2_varlen, q, k, v, self.lambda_full(x),
+            out = attend(self._attend, diff_attention_v2_varlen, q, k, v, self.lambda_full(x),
                          attn_mask=attn_mask, causal=causal, window=window, scale=self.scaling,
                          impl=self.impl, cu_seqlens=cu_seqlens)  # (B, H, L, d)
-            return self.o_proj(out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim))
+            return self.o_proj(out.transpose(1, 2).reshape(b, length, out.shape[1] * out.shape[3]))  # local H under TP
 
     def extra_repr(self) -> str:
         return (

@@ -36,3 +36,15 @@ def test_train_example_smoke(tmp_path, capsys):
     assert model.config.embed_dim == 32 and model.config.vocab_size == 256
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
     assert "greedy sample:" in capsys.readouterr().out
+
+
+def test_train_example_help_shows_the_defaults(capsys):
+    import pytest
+
+    train = _load_example()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())
+    for flag, default in (("--embed-dim EMBED_DIM", "128"), ("--steps STEPS", "300"), ("--lr LR", "0.003"),
+                          ("--ddp N", "1")):
+        assert f"{flag} " in out and f"default: {default}" in out.split(flag, 1)[1][:120], flag

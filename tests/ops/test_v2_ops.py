@@ -224,7 +224,7 @@ BAD = [
     ("lambda per token, wrong L", lambda q, k, v: (q, k, v, torch.ones(2, 2, 4), {}), ValueError,
      r"\(B, H, Lq\)=\(2, 2, 5\)"),
     ("lambda int tensor", lambda q, k, v: (q, k, v, torch.ones(2, dtype=torch.long), {}), ValueError,
-     "lam must be a floating tensor"),
+     "lam must be a real floating tensor"),
     ("lambda type", lambda q, k, v: (q, k, v, "0.5", {}), TypeError, "lam must be"),
     ("mask int dtype", lambda q, k, v: (q, k, v, 0.5, {"attn_mask": torch.ones(5, 6, dtype=torch.long)}),
      ValueError, "attn_mask must be bool"),

@@ -136,6 +136,28 @@ def _ranked_heads_table(results: dict) -> list[str]:
     return lines
 
 
+def was_busy(load: dict) -> bool:
+    """The bench's rule (``bench.report._busy``): at the start the load average is other processes';
+    at the end it includes this run's own threads."""
+    cores = load.get("cores") or 1
+    before, after = load.get("load_average_start"), load.get("load_average_end")
+    return bool((before and before[0] > 0.5 * cores + 0.25) or (after and after[0] > cores + 1))
+
+
+def describe_load(load: dict | None) -> str:
+    """One sentence on how busy the machine was during the run."""
+    if not load:
+        return "Machine load: not recorded (results written before it was)."
+    la, lb = load.get("load_average_start"), load.get("load_average_end")
+    text = (f"Machine load: 1-minute load average {la[0] if la else '?'} at the start and {lb[0] if lb else '?'} at "
+            f"the end, on {load['cores']} cores; the run's CPU time was {load['cpu_share']:.0%} of wall time × "
+            f"{load['threads']} threads.")
+    if was_busy(load):
+        text += (" **Other processes were using the CPUs, so the wall time is inflated. The accuracies and losses "
+                 "do not depend on it (same seeds, same numbers).**")
+    return text
+
+
 def write_report(results: dict, folder: str | os.PathLike, figures: list[str] | None = None,
                  figure_note: str = "") -> Path:
     """Write ``report.md`` into ``folder`` from ``results``; return its path."""
@@ -151,6 +173,9 @@ def write_report(results: dict, folder: str | os.PathLike, figures: list[str] | 
     L.append(f"Command: `{results['command'] or '(not recorded)'}`\n")
     L.append(f"Seeds: {', '.join(str(s) for s in cfg['seeds'])}. torch {env['torch']}, {env['device']}, "
              f"{env['threads']} threads, {env['dtype']}. Wall time {results['wall_seconds']:.0f} s.\n")
+    load_line = describe_load(results.get("load"))
+    if load_line:
+        L.append(load_line + "\n")
     if results["skipped"]:
         for name, why in results["skipped"].items():
             L.append(f"**`{name}` was not run:** {why}\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -233,8 +234,9 @@ def train_one(attention: str, seed: int, config: DemoConfig,
 class _Progress:
     """A tqdm bar when tqdm is installed and wanted, else a line every tenth of the way."""
 
-    def __init__(self, total: int, enabled: bool, log: Callable[[str], None]):
+    def __init__(self, total: int, enabled: bool, log: Callable[[str], None], runs: int = 1):
         self.total, self.done, self.log, self.bar = total, 0, log, None
+        self.runs, self.run, self.run_done, self.run_steps = runs, 0, 0, total // max(1, runs)
         if enabled:
             try:
                 from tqdm.auto import tqdm
@@ -246,17 +248,24 @@ class _Progress:
 
     def step(self, loss: float) -> None:
         self.done += 1
+        self.run_done += 1
         if self.bar is not None:
             self.bar.update(1)
             if self.done % 20 == 0:
                 self.bar.set_postfix_str(f"{self.label} loss {loss:.3f}", refresh=False)
         elif self.total >= 10 and self.done % (self.total // 10) == 0:
-            self.log(f"  {self.done}/{self.total} steps ({self.label}, loss {loss:.3f})")
+            # Each line names its run and the step within it: a new run starts from a high loss again.
+            self.log(f"  run {self.run}/{self.runs} ({self.label}): step {self.run_done}/{self.run_steps}, "
+                     f"loss {loss:.3f} [{self.done}/{self.total} steps overall]")
 
     def describe(self, label: str) -> None:
         self.label = label
+        self.run += 1
+        self.run_done = 0
         if self.bar is not None:
             self.bar.set_description(label)
+        else:
+            self.log(f"run {self.run}/{self.runs}: {label}, training from scratch")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -276,7 +285,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True, log: Callable[[str], 
         probe = DiffTransformer(config.model_config(name), device="meta")
         log(f"{name:>8}: {probe.num_parameters():,} parameters {probe.num_parameters(breakdown=True)}")
 
-    bar = _Progress(len(models) * len(config.seeds) * config.steps, progress, log)
+    bar = _Progress(len(models) * len(config.seeds) * config.steps, progress, log, runs=len(models) * len(config.seeds))
+    load_start, cpu_start = _load_average(), time.process_time()
     runs: dict[str, dict[str, dict]] = {m: {} for m in models}
     example: dict[str, dict] = {}
     start = time.perf_counter()
@@ -306,7 +316,24 @@ def run_demo(config: DemoConfig, *, progress: bool = True, log: Callable[[str], 
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "machine": platform.machine(), "processor": platform.processor(),
                         "threads": torch.get_num_threads(), "device": "cpu", "dtype": "float32"},
-        "wall_seconds": time.perf_counter() - start,
+        "wall_seconds": (wall := time.perf_counter() - start),
+        "load": _load_record(load_start, time.process_time() - cpu_start, wall, torch.get_num_threads()),
     }
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def _load_record(start: list[float] | None, cpu_seconds: float, wall: float, threads: int) -> dict:
+    """How busy the machine was: the 1-minute load averages around the run, and its CPU seconds
+    against wall seconds × threads (below 1 when other processes took the CPUs, or when the run
+    itself spent time in single-threaded Python)."""
+    cores = os.cpu_count() or 1
+    return {"load_average_start": start, "load_average_end": _load_average(), "cores": cores, "threads": threads,
+            "cpu_seconds": cpu_seconds, "cpu_share": cpu_seconds / max(wall * min(threads, cores), 1e-9)}
 
 

@@ -130,11 +130,11 @@ class StandardAttention(nn.Module):
                 sdpa_mask, is_causal = mask.sdpa_args(q.device)
                 return F.scaled_dot_product_attention(
                     q, k, v, attn_mask=sdpa_mask, is_causal=is_causal, scale=scale,
-                    enable_gqa=self.num_kv_heads != self.num_heads,
+                    enable_gqa=q.shape[1] != k.shape[1],  # local head counts under TP
                 )
 
-            out = per_sequence(sdpa, q, k, v, None, mask, self.scaling, out_heads=self.num_heads)  # (B, H, L, d)
-            return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+            out = per_sequence(sdpa, q, k, v, None, mask, self.scaling, out_heads=q.shape[1])  # (B, H, L, d)
+            return self.out_proj(out.transpose(1, 2).reshape(b, length, out.shape[1] * out.shape[3]))  # local H under TP
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "

@@ -177,8 +177,8 @@ class DiffTransformerConfig:
 class CausalLMOutput(NamedTuple):
     """What :meth:`DiffTransformer.forward` returns.
 
-    ``logits`` ``(B, L, vocab_size)``; ``loss`` a 0-dim float32 tensor when ``labels`` were given,
-    else ``None``; ``attentions`` a tuple with one :class:`~multihead_sdpadiff.models.LayerAttention`
+    ``logits`` ``(B, L, vocab_size)``; ``loss`` a 0-dim float32 tensor (float64 for a float64
+    model) when ``labels`` were given, else ``None``; ``attentions`` a tuple with one :class:`~multihead_sdpadiff.models.LayerAttention`
     per layer when ``return_attention=True``, else ``None``.
     """
 
@@ -369,7 +369,8 @@ class DiffTransformer(nn.Module):
                 (:meth:`new_cache`); the new keys and values are appended.
             labels: optional ``(B, L)`` targets aligned with ``input_ids``: position ``t``'s logits
                 predict ``labels[:, t + 1]`` (the shift happens here, so ``labels=input_ids``
-                trains a language model). ``-100`` is ignored. Mean cross-entropy in float32.
+                trains a language model). ``-100`` is ignored. Mean cross-entropy in float32 (float64 for a
+                float64 model).
             return_attention: also return every layer's attention maps (see
                 :func:`~multihead_sdpadiff.models.attention_maps`), recomputed with the plain
                 equations. Costs O(L · (past + L)) memory per head: for analysis only.
@@ -438,7 +439,8 @@ class DiffTransformer(nn.Module):
 
             loss = None
             if labels is not None:
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                work = torch.promote_types(logits.dtype, torch.float32)
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).to(work), labels[:, 1:].flatten(),
                                        ignore_index=-100)
             return CausalLMOutput(logits, loss, tuple(maps) if return_attention else None)
 

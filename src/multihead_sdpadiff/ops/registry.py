@@ -57,7 +57,7 @@ class Strategy:
         name: the ``impl=`` string.
         fn: ``fn(q, k, v, lam, mask, scale) -> (B, H, Lq, 2d)``.
         summary: one line for tables and error messages.
-        flops: forward FLOPs relative to standard attention of width 2d (NOTES' cost table).
+        flops: forward FLOPs relative to standard attention of width 2d (the README's strategy table).
         score_memory: ``"O(N)"`` or ``"O(N^2)"`` per query row; ``"O(block*N)"`` for chunked paths.
         devices: device types it runs on (``None`` = any).
         dtypes: dtypes it accepts (``None`` = any floating dtype).
