@@ -64,7 +64,7 @@ def _tensors(n, h, hkv, d, dtype, device, seed):
     return q, k, v, lam, sv
 
 
-def _methods(n, window, docs, impl, h, hkv, d, device):
+def _methods(n, window, docs, impl, h, hkv, d, device, flex=True):
     """name -> (fn(q, k, v, lam, sv) -> out, reason it cannot run or None)."""
     win = (window - 1, 0) if window is not None else None
     cu = _cu(n, docs, device) if docs is not None else None
@@ -90,6 +90,9 @@ def _methods(n, window, docs, impl, h, hkv, d, device):
 
     methods = {"diff": (diff, None), "diff_dense": (diff_dense, None), "standard": (standard, None),
                "standard_dense": (standard_dense, None)}
+    if not flex:
+        methods["flex"] = (None, "not requested (flex=False)")
+        return methods
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -142,17 +145,18 @@ def _check(name, fn, n, window, docs, h, hkv, d, device) -> str | None:
 
 
 def run_structured(*, seq_lens, window, docs, impl, embed_dim, num_heads, num_kv_heads, dtype, device, threads,
-                   modes, min_time, min_reps, max_time, check_len, out_dir: Path, command_line: str) -> dict:
+                   modes, min_time, min_reps, max_time, check_len, out_dir: Path, command_line: str,
+                   flex: bool = True) -> dict:
     torch.set_num_threads(threads)
     h, hkv, d = num_heads // 2, num_kv_heads // 2, embed_dim // num_heads
     rows = []
     for n in seq_lens:
         for mode in modes:
-            methods = _methods(n, window, docs, impl, h, hkv, d, device)
+            methods = _methods(n, window, docs, impl, h, hkv, d, device, flex)
             small = min(check_len, n)
             small_window = window and min(window, max(2, small // 4))
             small_docs = docs and min(docs, small)
-            small_methods = _methods(small, small_window, small_docs, impl, h, hkv, d, device)
+            small_methods = _methods(small, small_window, small_docs, impl, h, hkv, d, device, flex)
             q, k, v, lam, sv = _tensors(n, h, hkv, d, dtype, device, seed=0)
             grad = mode == "fwd_bwd"
             for t in (q, k, v, sv):
