@@ -10,19 +10,25 @@ from .layers import (
     RMSNorm,
     lambda_init_fn,
 )
+from .layers_grouped import GroupedDiffAttn
 from .layers_v2 import MultiheadDiffAttnV2
 from .masks import causal_mask
 from .models import DiffTransformer, DiffTransformerConfig
 from .ops import IMPLS, choose_impl, diff_attention, diff_attention_varlen
+from .ops.grouped import IMPLS_GROUPED, grouped_diff_attention
 from .ops.v2 import IMPLS_V2, diff_attention_v2, diff_attention_v2_varlen
+from .phi4flash import Phi4FlashDiffAttention
 from .rotary import RotaryEmbedding, apply_rotary_emb
+from .timm import VisionDiffAttn
 
 __version__ = "0.2.0"
 
 __all__ = [
     "DiffTransformer",
     "DiffTransformerConfig",
+    "GroupedDiffAttn",
     "IMPLS",
+    "IMPLS_GROUPED",
     "IMPLS_V2",
     "KVCache",
     "MultiheadDiffAttn",
@@ -31,8 +37,10 @@ __all__ = [
     "MultiheadSdpaDiff2",
     "MultiheadSdpaDiff3",
     "MultiheadSdpaDiff4",
+    "Phi4FlashDiffAttention",
     "RMSNorm",
     "RotaryEmbedding",
+    "VisionDiffAttn",
     "__version__",
     "apply_rotary_emb",
     "causal_mask",
@@ -41,5 +49,6 @@ __all__ = [
     "diff_attention_v2",
     "diff_attention_v2_varlen",
     "diff_attention_varlen",
+    "grouped_diff_attention",
     "lambda_init_fn",
 ]

@@ -135,7 +135,8 @@ class Method:
     Attributes:
         name: the name in tables and in ``--impls``.
         kind: ``"diff"`` (compared with the differential reference), ``"standard"`` (compared with
-            plain attention) or ``"peer"`` (another library's differential attention).
+            plain attention), ``"peer"`` (another library's differential attention) or
+            ``"diff_v2"`` (compared with the V2 reference, ``bench/cases_v2.py``).
         summary: one line for the docs and the results file.
         flops: attention FLOPs relative to standard attention of the same width, or a function of
             the case (``auto`` depends on what it resolves to).

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", nargs="+", default=None, metavar="NAME",
                    help="methods to run (default: all); 'standard' always runs, it is the ratio's floor")
     p.add_argument("--level", choices=("op", "module"), default="op")
+    p.add_argument("--op", choices=("v1", "v2"), default="v1",
+                   help="v1: diff_attention's strategies (default); v2: diff_attention_v2's, as v2_<name>, "
+                        "checked against the V2 reference (op level only)")
     p.add_argument("--threads", type=int, default=None,
                    help=f"torch threads for every timed call (default: torch.get_num_threads() = {torch.get_num_threads()})")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: bench-results/<timestamp>-<level>)")
@@ -190,7 +193,14 @@ def main(argv: list[str]) -> int:
     from .report import format_report
     from .runner import run_sweep
 
-    methods = build_methods(cfg.level)
+    if args.op == "v2":
+        from .cases_v2 import build_methods_v2
+
+        if cfg.level != "op":
+            parser.error("--op v2 runs at op level only (--level op)")
+        methods = build_methods_v2(cfg.level)
+    else:
+        methods = build_methods(cfg.level)
     if args.impls:
         known = [m.name for m in methods]
         unknown = [n for n in args.impls if n not in known]

@@ -69,6 +69,10 @@ def _run_truth(case: Case, kind: str, tensors: dict, dtype: torch.dtype, upcast:
             q, k, v = leaves["q"], leaves["k"], leaves["v"]
             if kind == "standard":
                 out = plain_attention(q, k, _standard_v(v))
+            elif kind == "diff_v2":
+                from .cases_v2 import v2_truth
+
+                out = v2_truth(q, k, v, tensors["lam"].to(dtype), upcast)
             elif upcast:
                 out = msd.diff_attention(q, k, v, tensors["lam"].to(dtype), is_causal=True, impl="reference")
             else:
@@ -84,7 +88,7 @@ def _run_truth(case: Case, kind: str, tensors: dict, dtype: torch.dtype, upcast:
 
 
 def _truth_kind(method: Method) -> str:
-    return "standard" if method.kind == "standard" else "diff"
+    return method.kind if method.kind in ("standard", "diff_v2") else "diff"
 
 
 def check_method(method: Method, case: Case, seed: int = 0) -> Verdict:
@@ -145,6 +149,8 @@ def _canonical_shape(case: Case, kind: str) -> tuple[int, ...]:
         return (case.batch, case.q_len, case.embed_dim)
     if kind == "standard":
         return (case.batch, 2 * case.heads, case.q_len, case.head_dim)
+    if kind == "diff_v2":
+        return (case.batch, case.heads, case.q_len, case.head_dim)
     return (case.batch, case.heads, case.q_len, 2 * case.head_dim)
 
 
