@@ -129,8 +129,15 @@ class _Plan:
             dead = ~vis.any(dim=-1, keepdim=True)
         if hidden is not None:
             if m is None or m.dtype != torch.bool:
-                s.masked_fill_(hidden, float("-inf"))
-            if m is None:
+                # Only the columns some row cannot see: left of the largest lower bound and right of
+                # the smallest upper bound (the causal diagonal, a band's two edges).
+                c_lo = min(max(self._lo_l[i1 - 1], k0), k1) - k0
+                c_hi = max(min(self._hi_l[i0], k1), k0 + c_lo) - k0
+                if c_lo > 0:
+                    s[..., :c_lo].masked_fill_(hidden[:, :c_lo], float("-inf"))
+                if c_hi < k1 - k0:
+                    s[..., c_hi:].masked_fill_(hidden[:, c_hi:], float("-inf"))
+            if m is None and any(lo >= hi for lo, hi in zip(self._lo_l[i0:i1], self._hi_l[i0:i1], strict=True)):
                 dead = hidden.all(dim=-1, keepdim=True)  # (bq, 1): rows that see nothing
         p = torch.softmax(s, dim=-1)
         if dead is not None and bool(dead.any()):
