@@ -240,8 +240,8 @@ class Block(nn.Module):
         x = x + self.attn(h, rel_pos, attn_mask, position_ids=position_ids, cache=cache, cu_seqlens=cu_seqlens)
         maps = None
         if return_attention:
-            maps = attention_maps(self.attn, h, rel_pos, attn_mask, position_ids=position_ids, cache=cache,
-                                  cu_seqlens=cu_seqlens)
+            packed = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}  # demo's V2 maps take none
+            maps = attention_maps(self.attn, h, rel_pos, attn_mask, position_ids=position_ids, cache=cache, **packed)
         return x + self.ffn(self.ffn_norm(x)), maps
 
 
