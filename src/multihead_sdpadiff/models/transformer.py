@@ -237,10 +237,10 @@ class Block(nn.Module):
 
     def forward(self, x, rel_pos, attn_mask, position_ids, cache, return_attention: bool = False, cu_seqlens=None):
         h = self.attn_norm(x)
-        x = x + self.attn(h, rel_pos, attn_mask, position_ids=position_ids, cache=cache, cu_seqlens=cu_seqlens)
+        packed = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}  # only packed calls name it
+        x = x + self.attn(h, rel_pos, attn_mask, position_ids=position_ids, cache=cache, **packed)
         maps = None
         if return_attention:
-            packed = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}  # demo's V2 maps take none
             maps = attention_maps(self.attn, h, rel_pos, attn_mask, position_ids=position_ids, cache=cache, **packed)
         return x + self.ffn(self.ffn_norm(x)), maps
 
