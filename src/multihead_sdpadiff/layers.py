@@ -263,6 +263,22 @@ def check_mask_heads(attn_mask, heads: int) -> None:
         )
 
 
+def impl_property(names: tuple[str, ...]) -> property:
+    """An ``impl`` attribute that accepts only a name from ``names``, checked whenever it is set."""
+
+    def get(self) -> str:
+        return self._impl
+
+    def set_(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"impl must be a str, one of {names}, got {type(value).__name__}")
+        if value not in names:
+            raise ValueError(f"impl must be one of {names}, got {value!r}")
+        self._impl = value
+
+    return property(get, set_, doc=f"The strategy, one of {names}; checked when set.")
+
+
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -362,17 +378,7 @@ class MultiheadDiffAttn(nn.Module):
         self.subln = RMSNorm(2 * self.head_dim, eps=norm_eps, **kw)
         self.reset_lambda_parameters()
 
-    @property
-    def impl(self) -> str:
-        return self._impl
-
-    @impl.setter
-    def impl(self, value: str) -> None:
-        if not isinstance(value, str):
-            raise TypeError(f"impl must be a str, one of {IMPLS}, got {type(value).__name__}")
-        if value not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {value!r}")
-        self._impl = value
+    impl = impl_property(IMPLS)
 
     # The attention core, called with diff_attention's arguments; context_parallel (parallel.py)
     # replaces it on an instance with one that gathers keys and values over the sequence shards.

@@ -11,6 +11,7 @@ from .layers import (
     attend,
     check_dtype,
     check_sliding_window,
+    impl_property,
     packed_layout,
     project_qkv,
     ragged_mask,
@@ -99,17 +100,7 @@ class MultiheadDiffAttnV2(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=False, **kw)
         self.lambda_proj = nn.Linear(embed_dim, num_heads, bias=False, **kw)
 
-    @property
-    def impl(self) -> str:
-        return self._impl
-
-    @impl.setter
-    def impl(self, value: str) -> None:
-        if not isinstance(value, str):
-            raise TypeError(f"impl must be a str, one of {IMPLS_V2}, got {type(value).__name__}")
-        if value not in IMPLS_V2:
-            raise ValueError(f"impl must be one of {IMPLS_V2}, got {value!r}")
-        self._impl = value
+    impl = impl_property(IMPLS_V2)
 
     # The attention core, called with diff_attention_v2's arguments; context_parallel (parallel.py)
     # replaces it on an instance with one that gathers keys and values over the sequence shards.
