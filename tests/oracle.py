@@ -14,16 +14,33 @@ import torch
 F64 = torch.float64
 
 
-def visibility(b, h, lq, lk, *, bool_mask=None, causal=False):
-    """Bool (B, H, Lq, Lk): True where query j may see key t."""
+def visibility(b, h, lq, lk, *, bool_mask=None, causal=False, window=None, seqlens=None):
+    """Bool (B, H, Lq, Lk): True where query j may see key t.
+
+    ``window`` (left, right), -1 unbounded: the last query stands at the last key, so query j is at
+    position j + Lk - Lq and sees keys no more than ``left`` before and ``right`` after it.
+    ``seqlens`` ((lengths of q), (lengths of k)): the row holds packed documents one after the
+    other; a query sees only keys of its own document, and causal and window hold inside it.
+    """
     vis = torch.ones(b, h, lq, lk, dtype=torch.bool)
     if bool_mask is not None:
         vis = vis & bool_mask.expand(b, h, lq, lk)
-    if causal:
-        for j in range(lq):
-            for t in range(lk):
-                if t > j + (lk - lq):
-                    vis[:, :, j, t] = False
+    lens_q, lens_k = seqlens if seqlens is not None else ([lq], [lk])
+    assert sum(lens_q) == lq and sum(lens_k) == lk
+    doc_q = [s for s, n in enumerate(lens_q) for _ in range(n)]
+    doc_k = [s for s, n in enumerate(lens_k) for _ in range(n)]
+    left, right = window if window is not None else (-1, -1)
+
+    def sees(j, t):
+        s = doc_q[j]
+        if doc_k[t] != s:
+            return False
+        pos = j - sum(lens_q[:s]) + lens_k[s] - lens_q[s]  # the query's position in its document
+        tt = t - sum(lens_k[:s])
+        return not ((causal and tt > pos) or (left != -1 and tt < pos - left) or (right != -1 and tt > pos + right))
+
+    rule = torch.tensor([[sees(j, t) for t in range(lk)] for j in range(lq)], dtype=torch.bool).reshape(lq, lk)
+    vis = vis & rule
     return vis
 
 
@@ -35,7 +52,8 @@ def softmax_visible(s, vis):
     return e / torch.where(z > 0, z, torch.ones_like(z))
 
 
-def oracle_attention(q, k, v, lam, *, bool_mask=None, add_mask=None, causal=False, scale=None):
+def oracle_attention(q, k, v, lam, *, bool_mask=None, add_mask=None, causal=False, scale=None, window=None,
+                     seqlens=None):
     """q (B, 2H, Lq, d), k (B, 2Hkv, Lk, d), v (B, Hkv, Lk, 2d), lam float or (H,) -> (B, H, Lq, 2d)."""
     q, k, v = q.to(F64), k.to(F64), v.to(F64)
     b, h2, lq, d = q.shape
@@ -43,7 +61,7 @@ def oracle_attention(q, k, v, lam, *, bool_mask=None, add_mask=None, causal=Fals
     group_size = h // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     lam = torch.as_tensor(lam, dtype=F64).expand(h)
-    vis = visibility(b, h, lq, lk, bool_mask=bool_mask, causal=causal)
+    vis = visibility(b, h, lq, lk, bool_mask=bool_mask, causal=causal, window=window, seqlens=seqlens)
     if add_mask is not None:
         add = add_mask.to(F64).expand(b, h, lq, lk)
         vis = vis & (add > -math.inf)
@@ -115,7 +133,8 @@ def naive_low_precision(q, k, v, lam, *, bool_mask=None, causal=False):
 # Differential attention V2 (unilm Diff-Transformer-V2): 2H query maps, Hkv kv heads of width d.
 
 
-def oracle_attention_v2(q, k, v, lam, *, bool_mask=None, add_mask=None, causal=False, scale=None, dtype=F64):
+def oracle_attention_v2(q, k, v, lam, *, bool_mask=None, add_mask=None, causal=False, scale=None, dtype=F64,
+                        window=None, seqlens=None):
     """q (B, 2H, Lq, d), k and v (B, Hkv, Lk, d), lam float, (H,) or (B, H, Lq) -> (B, H, Lq, d).
 
     Each map is plain attention on its own; map m reads kv head m // (2H / Hkv) (the GQA rule of
@@ -131,7 +150,7 @@ def oracle_attention_v2(q, k, v, lam, *, bool_mask=None, add_mask=None, causal=F
     if lam.dim() == 1:
         lam = lam[None, :, None]
     lam = lam.expand(b, h, lq)
-    vis = visibility(b, h, lq, lk, bool_mask=bool_mask, causal=causal)
+    vis = visibility(b, h, lq, lk, bool_mask=bool_mask, causal=causal, window=window, seqlens=seqlens)
     if add_mask is not None:
         add = add_mask.to(dtype).expand(b, h, lq, lk)
         vis = vis & (add > -math.inf)

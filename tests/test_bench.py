@@ -156,3 +156,17 @@ def test_case_that_would_not_fit_is_skipped_not_run(tmp_path):
     doc = run_sweep(cfg, methods, progress=False)
     assert [r["status"] for r in doc["results"]] == ["skipped", "skipped"]
     assert all("would not fit" in r["reason"] and r["median_s"] is None for r in doc["results"])
+
+
+def test_structured_bench_checks_and_times_window_and_docs(tmp_path):
+    from multihead_sdpadiff.bench.structured import format_structured, run_structured
+
+    doc = run_structured(seq_lens=(96,), window=8, docs=3, impl="auto", embed_dim=32, num_heads=4, num_kv_heads=2,
+                         dtype=torch.float32, device=torch.device("cpu"), threads=1, modes=("fwd",), min_time=0.0,
+                         min_reps=2, max_time=0.5, check_len=48, out_dir=tmp_path, command_line="test", flex=False)
+    rows = {r["method"]: r for r in doc["results"]}
+    assert all(rows[m]["status"] == "ok" and rows[m]["median_s"] > 0 for m in
+               ("diff", "diff_dense", "standard", "standard_dense")), rows
+    assert rows["flex"]["status"] == "unavailable"
+    assert rows["diff_dense"]["ratio_to_diff_dense"] == 1.0
+    assert (tmp_path / "results.json").exists() and "diff_dense" in format_structured(doc)

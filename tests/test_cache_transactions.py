@@ -180,7 +180,7 @@ def test_nested_transactions_undo_only_on_failure():
 FAILURES = ("refused_impl", "bad_mask", "hook", "overflow", None)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     layer=st.sampled_from(["v1", "v2", "standard"]),
     kind=st.sampled_from(["growing", "static"]),

@@ -350,3 +350,23 @@ def test_importing_the_package_does_not_import_transformers():
     code = ("import sys, multihead_sdpadiff, multihead_sdpadiff.hf; "
             "assert 'transformers' not in sys.modules, 'transformers was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_position_ids_equal_each_document_alone(attn):
+    """transformers passes packed position_ids (DataCollatorWithFlattening) to the attention layer:
+    the converted model keeps each document to itself, as each document run alone."""
+    model = make_model("gqa" if "gqa" in VARIANTS else "mha", attn, dtype=torch.float64, exact_lambda=True)
+    converted = convert_diffllama(model)
+    lens = (4, 7, 3)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 128, (1, sum(lens)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    with torch.no_grad():
+        packed = converted(ids, position_ids=pos).logits
+        alone, a = [], 0
+        for n in lens:
+            alone.append(converted(ids[:, a:a + n]).logits)
+            a += n
+        alone = torch.cat(alone, dim=1)
+        torch.testing.assert_close(packed, alone, atol=1e-10, rtol=0)

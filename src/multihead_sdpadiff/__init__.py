@@ -14,9 +14,9 @@ from .layers_grouped import GroupedDiffAttn
 from .layers_v2 import MultiheadDiffAttnV2
 from .masks import causal_mask
 from .models import DiffTransformer, DiffTransformerConfig
-from .ops import IMPLS, choose_impl, diff_attention
+from .ops import IMPLS, choose_impl, diff_attention, diff_attention_varlen
 from .ops.grouped import IMPLS_GROUPED, grouped_diff_attention
-from .ops.v2 import IMPLS_V2, diff_attention_v2
+from .ops.v2 import IMPLS_V2, diff_attention_v2, diff_attention_v2_varlen
 from .phi4flash import Phi4FlashDiffAttention
 from .rotary import RotaryEmbedding, apply_rotary_emb
 from .timm import VisionDiffAttn
@@ -47,6 +47,8 @@ __all__ = [
     "choose_impl",
     "diff_attention",
     "diff_attention_v2",
+    "diff_attention_v2_varlen",
+    "diff_attention_varlen",
     "grouped_diff_attention",
     "lambda_init_fn",
 ]

@@ -289,6 +289,18 @@ def _gathered_rope_tables(cos: torch.Tensor, sin: torch.Tensor, batch: int, leng
     return table, positions
 
 
+def _packed_cu_seqlens(position_ids, batch: int, length: int, past: int) -> torch.Tensor | None:
+    """int32 document boundaries when ``position_ids (1, L)`` restart at 0 after the first token
+    (and nothing is cached yet)."""
+    if (past != 0 or batch != 1 or not isinstance(position_ids, torch.Tensor)
+            or tuple(position_ids.shape) != (1, length) or torch.compiler.is_compiling()):
+        return None
+    starts = (position_ids[0, 1:] == 0).nonzero().flatten() + 1
+    if starts.numel() == 0:
+        return None
+    return torch.tensor([0, *starts.tolist(), length], dtype=torch.int32, device=position_ids.device)
+
+
 class DiffLlamaAttentionAdapter(nn.Module):
     """A transformers attention layer (DiffLlama's interface) that runs :class:`MultiheadDiffAttn`.
 
@@ -309,8 +321,11 @@ class DiffLlamaAttentionAdapter(nn.Module):
 
     ``cache_position`` (passed by older transformers) gives the number of cached positions when
     present; otherwise the cache's ``get_seq_length(layer_idx)`` does. Other keyword arguments
-    (``position_ids``, ``use_cache``, ...) are accepted and unused: positions arrive through
-    ``position_embeddings``.
+    (``use_cache``, ...) are accepted and unused: positions arrive through ``position_embeddings``.
+    ``position_ids`` of one row that restart at 0 (transformers' ``DataCollatorWithFlattening``),
+    with nothing cached yet, mark packed documents: the layer then runs them as
+    :func:`~multihead_sdpadiff.diff_attention_varlen` does, each token seeing only its own document
+    (transformers' mask is not needed then and is not read).
     """
 
     is_causal = True
@@ -353,6 +368,14 @@ class DiffLlamaAttentionAdapter(nn.Module):
             view = _CacheLayerView(cache, self.layer_idx, past)
             if attention_mask is not None and attention_mask.shape[-1] > past + length:
                 attention_mask = attention_mask[..., : past + length]  # a static cache's unwritten slots
+        cu = _packed_cu_seqlens(kwargs.get("position_ids"), b, length, past if cache is not None else 0)
+        if cu is not None:
+            # Packed documents (position_ids restarting at 0, one row, nothing cached): attention stays
+            # inside each document whatever mask transformers built (sdpa builds none), at the cost of
+            # the documents. An empty cache receives the row's keys as one sequence, as flash-attn's
+            # varlen path in transformers leaves it.
+            out = self.attn(hidden_states, rel_pos=rel_pos, position_ids=positions, cu_seqlens=cu, cache=view)
+            return out, None
         out = self.attn(hidden_states, rel_pos=rel_pos, attn_mask=attention_mask, position_ids=positions, cache=view)
         return out, None
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .cache import KVCache, transaction
-from .ops import IMPLS, diff_attention
+from .masks import check_cu_seqlens
+from .ops import IMPLS, diff_attention, diff_attention_varlen
 from .rotary import apply_rotary_emb
 
 __all__ = [
@@ -99,7 +100,7 @@ def check_position_ids(position_ids, batch: int, length: int):
     return position_ids
 
 
-def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width: int):
+def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width: int, cu_seqlens=None):
     """The front half shared by the differential layers: input checks, projections, RoPE, cache.
 
     ``module`` has ``q_proj`` (2H maps of width ``head_dim``), ``k_proj`` (``k_maps`` maps),
@@ -125,7 +126,7 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
         raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
     b, length, _ = x.shape
     d = module.head_dim
-    past = len(cache) if cache is not None else 0
+    past = cache.seen_tokens if cache is not None else 0  # absolute position of the first new token
     position_ids = check_position_ids(position_ids, b, length)
 
     # Sizes from each projection's output (no -1, so that an empty x reshapes too): under tensor
@@ -149,8 +150,104 @@ def project_qkv(module, x, rel_pos, position_ids, cache, *, k_maps: int, v_width
                 k, v = cache.keys(), cache.values()  # so that a (B, ·, 0, len(cache)) mask still fits
             return q, k, v
         # The caller runs inside cache.transaction(), which undoes this write if anything later fails.
-        k, v = cache.update(k, v)  # the whole cached length
+        if cu_seqlens is not None and cache.is_ragged:  # a packed prefill into a ragged cache: document b -> row b
+            k, v = cache.update_packed(k, v, tuple(int(c) for c in cu_seqlens.tolist()))
+        else:
+            k, v = cache.update(k, v)  # the whole cached length
     return q, k, v
+
+
+def check_sliding_window(value) -> tuple[int, int] | None:
+    """``sliding_window = W`` (transformers' convention: a token sees itself and the ``W - 1``
+    tokens before it) as the op's ``window = (W - 1, 0)``; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    _check_positive_int("sliding_window", value)
+    return (value - 1, 0)
+
+
+def packed_layout(x, position_ids, cu_seqlens, attn_mask, cache) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(cu_seqlens, position_ids)`` of a packed row, or ``(None, position_ids)`` for an ordinary call.
+
+    A call is packed when ``cu_seqlens`` (flash-attn's int32 ``(docs + 1,)``) is given, or when
+    ``x`` is one row ``(1, total, E)`` without ``attn_mask`` or cache whose ``position_ids``
+    restart at 0 (transformers' ``DataCollatorWithFlattening``): each 0 after the first token
+    starts a document. RoPE positions restart per document: from ``position_ids`` when given,
+    else ``0 .. n_s - 1`` in each document.
+    """
+    if cu_seqlens is None:
+        if (position_ids is None or not isinstance(position_ids, torch.Tensor) or x.shape[0] != 1
+                or attn_mask is not None or cache is not None or tuple(position_ids.shape) != tuple(x.shape[:2])
+                or torch.compiler.is_compiling()):
+            return None, position_ids
+        starts = (position_ids[0, 1:] == 0).nonzero().flatten() + 1
+        if starts.numel() == 0:
+            return None, position_ids
+        bounds = [0, *starts.tolist(), x.shape[1]]
+        return torch.tensor(bounds, dtype=torch.int32, device=x.device), position_ids
+    if x.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs one packed row: x of shape (1, total, E), got {tuple(x.shape)}")
+    if attn_mask is not None:
+        raise ValueError("attn_mask cannot be combined with cu_seqlens: the packed documents already "
+                         "define which keys each token sees")
+    if cache is not None and not (isinstance(cache, KVCache) and (cache.is_ragged or (len(cache) == 0 and not cache.is_rolling))):
+        raise ValueError("cu_seqlens cannot be combined with a non-empty cache: a packed prefill writes into a "
+                         "ragged cache (KVCache(batch_size=docs, ragged=True)), one row per document, or into an "
+                         "empty cache as one row")
+    cu = check_cu_seqlens(cu_seqlens, "cu_seqlens", x.shape[1], x.device)
+    if position_ids is None:
+        starts = torch.tensor(cu[:-1], device=x.device).repeat_interleave(
+            torch.tensor([b - a for a, b in zip(cu, cu[1:], strict=False)], device=x.device))
+        position_ids = (torch.arange(x.shape[1], device=x.device) - starts)[None]  # (1, total)
+    return cu_seqlens, position_ids
+
+
+def ragged_prelude(cache, x, attn_mask, position_ids, cu_seqlens):
+    """For a decode step on a ragged cache: ``(old cache_seqlens, position_ids)``; else ``(None, position_ids)``.
+
+    Row ``b``'s new tokens stand at positions ``cache_seqlens[b] + l`` (RoPE, unless
+    ``position_ids`` are given)."""
+    if cache is None or not isinstance(cache, KVCache) or not cache.is_ragged or cu_seqlens is not None:
+        return None, position_ids
+    if attn_mask is not None:
+        raise ValueError("attn_mask cannot be combined with a ragged cache: each row's cache_seqlens "
+                         "already says which keys it has")
+    if x.dim() == 3 and cache.batch_size != x.shape[0]:
+        raise ValueError(f"the ragged cache holds batch_size {cache.batch_size}, got a batch of {x.shape[0]}")
+    old = cache.cache_seqlens.to(x.device)
+    if position_ids is None:
+        position_ids = old[:, None] + torch.arange(x.shape[1], device=x.device)
+    return old, position_ids
+
+
+def ragged_mask(old: torch.Tensor, length: int, lk: int, causal: bool, window) -> torch.Tensor:
+    """Bool ``(B, 1, L, Lk)`` for a ragged cache: query ``l`` of row ``b`` stands at ``p = old[b] + l``
+    and sees the keys ``t <= p`` (all ``old[b] + L`` of its own when not causal), within the window."""
+    p = old[:, None, None] + torch.arange(length, device=old.device)[None, :, None]  # (B, L, 1)
+    t = torch.arange(lk, device=old.device)[None, None, :]
+    vis = t <= p if causal else t < (old[:, None, None] + length)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            vis = vis & (t >= p - left)
+        if right >= 0:
+            vis = vis & (t <= p + right)
+    return vis[:, None]  # (B, 1, L, Lk)
+
+
+def attend(op, op_varlen, q, k, v, lam, *, attn_mask, causal, window, scale, impl, cu_seqlens):
+    """The layers' attention call: ``op`` on ``(B, heads, L, width)`` tensors, or ``op_varlen`` on
+    the one packed row ``B = 1`` with ``cu_seqlens`` (``lam`` per token ``(1, H, L)`` for V2).
+    Returns ``(B, H, L, width)``."""
+    if cu_seqlens is None:
+        extra = {"window": window} if window is not None else {}  # ops swapped in by parallel.py take no window
+        return op(q, k, v, lam, attn_mask=attn_mask, is_causal=causal, scale=scale, impl=impl, **extra)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if isinstance(lam, torch.Tensor) and lam.dim() == 3:
+        lam = lam[0].transpose(0, 1)  # (total, H)
+    out = op_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), lam, cu_seqlens, cu_seqlens,
+                    longest, longest, is_causal=causal, window=window, scale=scale, impl=impl)  # (total, H, w)
+    return out.transpose(0, 1).unsqueeze(0)
 
 
 def check_mask_heads(attn_mask, heads: int) -> None:
@@ -164,6 +261,22 @@ def check_mask_heads(attn_mask, heads: int) -> None:
             f"H = num_heads // 2 = {heads} differential heads (the constructor's num_heads={2 * heads} counts "
             f"the baseline's heads), so the head axis must be 1 or {heads}"
         )
+
+
+def impl_property(names: tuple[str, ...]) -> property:
+    """An ``impl`` attribute that accepts only a name from ``names``, checked whenever it is set."""
+
+    def get(self) -> str:
+        return self._impl
+
+    def set_(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"impl must be a str, one of {names}, got {type(value).__name__}")
+        if value not in names:
+            raise ValueError(f"impl must be one of {names}, got {value!r}")
+        self._impl = value
+
+    return property(get, set_, doc=f"The strategy, one of {names}; checked when set.")
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -188,6 +301,8 @@ class MultiheadDiffAttn(nn.Module):
             through the ``impl`` attribute.
         causal: apply the causal mask (bottom-right aligned) in addition to any ``attn_mask``.
         norm_eps: eps of the per-head RMSNorm (``subln``), default 1e-5.
+        sliding_window: ``W`` or ``None``: each query sees itself and the ``W - 1`` keys before it
+            (transformers' convention; the op's ``window = (W - 1, 0)``, bottom-right aligned).
 
     Attributes: ``num_heads`` is ``H = num_heads // 2`` (the differential heads, *not* the
     constructor's count), ``num_kv_heads`` is ``Hkv = num_kv_heads // 2``, ``head_dim`` is ``d``.
@@ -210,10 +325,13 @@ class MultiheadDiffAttn(nn.Module):
         impl: str = "auto",
         causal: bool = True,
         norm_eps: float = 1e-5,
+        sliding_window: int | None = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
+        self.window = check_sliding_window(sliding_window)
+        self.sliding_window = sliding_window
         _check_positive_int("embed_dim", embed_dim)
         _check_positive_int("num_heads", num_heads)
         if isinstance(depth, bool) or not isinstance(depth, int):
@@ -260,17 +378,7 @@ class MultiheadDiffAttn(nn.Module):
         self.subln = RMSNorm(2 * self.head_dim, eps=norm_eps, **kw)
         self.reset_lambda_parameters()
 
-    @property
-    def impl(self) -> str:
-        return self._impl
-
-    @impl.setter
-    def impl(self, value: str) -> None:
-        if not isinstance(value, str):
-            raise TypeError(f"impl must be a str, one of {IMPLS}, got {type(value).__name__}")
-        if value not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {value!r}")
-        self._impl = value
+    impl = impl_property(IMPLS)
 
     # The attention core, called with diff_attention's arguments; context_parallel (parallel.py)
     # replaces it on an instance with one that gathers keys and values over the sequence shards.
@@ -296,9 +404,10 @@ class MultiheadDiffAttn(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Args:
-            x: ``(B, L, embed_dim)``.
+            x: ``(B, L, embed_dim)``, or one packed row ``(1, total, embed_dim)`` of documents.
             rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; ``None`` (the
                 default) applies no RoPE at all. Row ``p`` holds
                 absolute position ``p``. Applied GPT-J style (interleaved) to q and k.
@@ -311,18 +420,26 @@ class MultiheadDiffAttn(nn.Module):
                 Default: ``len(cache) .. len(cache) + L - 1`` for every sequence.
             cache: optional :class:`KVCache`; the new keys and values (after RoPE) are appended
                 and the queries attend over everything cached.
+            cu_seqlens: optional int32 ``(docs + 1,)`` boundaries of the documents packed in ``x``
+                of shape ``(1, total, E)`` (flash-attn's varlen layout): a token sees only its own
+                document (causal and window per document) and RoPE restarts at 0 in each. Packed
+                ``position_ids`` that restart at 0 (one row, no mask, no cache) mean the same.
 
         Returns ``(B, L, embed_dim)``.
         """
         check_mask_heads(attn_mask, self.num_heads)
+        cu_seqlens, position_ids = packed_layout(x, position_ids, cu_seqlens, attn_mask, cache)
+        old, position_ids = ragged_prelude(cache, x, attn_mask, position_ids, cu_seqlens)
+        causal, window = self.causal, self.window
         with transaction(cache):  # a call that raises leaves the cache as it was
             q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=2 * self.num_kv_heads,
-                                  v_width=2 * self.head_dim)  # (B, 2H, L, d), (B, 2Hkv, Lk, d), (B, Hkv, Lk, 2d)
+                                  v_width=2 * self.head_dim, cu_seqlens=cu_seqlens)  # (B, 2H, L, d), (B, 2Hkv, Lk, d), (B, Hkv, Lk, 2d)
             b, length = x.shape[:2]
-            out = self._attend(
-                q, k, v, self.lambda_full(), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling,
-                impl=self.impl,
-            )  # (B, H, L, 2d)
+            if old is not None:
+                attn_mask, causal, window = ragged_mask(old, length, k.shape[2], causal, window), False, None
+            out = attend(self._attend, diff_attention_varlen, q, k, v, self.lambda_full(), attn_mask=attn_mask,
+                         causal=causal, window=window, scale=self.scaling, impl=self.impl,
+                         cu_seqlens=cu_seqlens)  # (B, H, L, 2d)
             out = self.subln(out) * (1 - self.lambda_init)
             return self.out_proj(out.transpose(1, 2).reshape(b, length, out.shape[1] * out.shape[3]))  # local H under TP
 
@@ -330,6 +447,7 @@ class MultiheadDiffAttn(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, lambda_init={self.lambda_init:.4f}, causal={self.causal}, impl={self.impl!r}"
+            + (f", sliding_window={self.sliding_window}" if self.sliding_window is not None else "")
         )
 
 

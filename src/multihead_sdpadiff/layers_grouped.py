@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .cache import KVCache, transaction
-from .layers import RMSNorm, _check_positive_int, check_position_ids, check_rel_pos
+from .layers import RMSNorm, _check_positive_int, check_position_ids, check_rel_pos, impl_property
 from .ops.grouped import IMPLS_GROUPED, grouped_diff_attention
 from .rotary import apply_rotary_emb
 
@@ -132,17 +132,7 @@ class GroupedDiffAttn(nn.Module):
         for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
             nn.init.normal_(p, mean=0.0, std=0.1)
 
-    @property
-    def impl(self) -> str:
-        return self._impl
-
-    @impl.setter
-    def impl(self, value: str) -> None:
-        if not isinstance(value, str):
-            raise TypeError(f"impl must be a str, one of {IMPLS_GROUPED}, got {type(value).__name__}")
-        if value not in IMPLS_GROUPED:
-            raise ValueError(f"impl must be one of {IMPLS_GROUPED}, got {value!r}")
-        self._impl = value
+    impl = impl_property(IMPLS_GROUPED)
 
     def lambda_full(self) -> torch.Tensor:
         """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, 0-dim, in float32 (float64 for float64 parameters)."""

@@ -6,8 +6,18 @@ import torch
 from torch import nn
 
 from .cache import KVCache, transaction
-from .layers import _check_positive_int, check_dtype, project_qkv
-from .ops.v2 import IMPLS_V2, diff_attention_v2
+from .layers import (
+    _check_positive_int,
+    attend,
+    check_dtype,
+    check_sliding_window,
+    impl_property,
+    packed_layout,
+    project_qkv,
+    ragged_mask,
+    ragged_prelude,
+)
+from .ops.v2 import IMPLS_V2, diff_attention_v2, diff_attention_v2_varlen
 
 __all__ = ["MultiheadDiffAttnV2"]
 
@@ -29,6 +39,8 @@ class MultiheadDiffAttnV2(nn.Module):
         causal: apply the causal mask (bottom-right aligned) in addition to any ``attn_mask``.
         impl: the strategy, a name from :data:`~multihead_sdpadiff.IMPLS_V2`; may be changed later
             through the ``impl`` attribute.
+        sliding_window: ``W`` or ``None``: each query sees itself and the ``W - 1`` keys before it
+            (the op's ``window = (W - 1, 0)``).
 
     Parameters (the authors' names and shapes, so their checkpoints load with ``strict=True``), all
     without bias: ``q_proj`` (E → 2H·d), ``k_proj`` and ``v_proj`` (E → Hkv·d), ``o_proj``
@@ -44,10 +56,13 @@ class MultiheadDiffAttnV2(nn.Module):
         *,
         causal: bool = True,
         impl: str = "auto",
+        sliding_window: int | None = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
+        self.window = check_sliding_window(sliding_window)
+        self.sliding_window = sliding_window
         _check_positive_int("embed_dim", embed_dim)
         _check_positive_int("num_heads", num_heads)
         if num_kv_heads is None:
@@ -85,17 +100,7 @@ class MultiheadDiffAttnV2(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=False, **kw)
         self.lambda_proj = nn.Linear(embed_dim, num_heads, bias=False, **kw)
 
-    @property
-    def impl(self) -> str:
-        return self._impl
-
-    @impl.setter
-    def impl(self, value: str) -> None:
-        if not isinstance(value, str):
-            raise TypeError(f"impl must be a str, one of {IMPLS_V2}, got {type(value).__name__}")
-        if value not in IMPLS_V2:
-            raise ValueError(f"impl must be one of {IMPLS_V2}, got {value!r}")
-        self._impl = value
+    impl = impl_property(IMPLS_V2)
 
     # The attention core, called with diff_attention_v2's arguments; context_parallel (parallel.py)
     # replaces it on an instance with one that gathers keys and values over the sequence shards.
@@ -116,9 +121,10 @@ class MultiheadDiffAttnV2(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Args:
-            x: ``(B, L, embed_dim)``.
+            x: ``(B, L, embed_dim)``, or one packed row ``(1, total, embed_dim)`` of documents.
             rel_pos: optional ``(cos, sin)``, each ``(seqlen_ro, head_dim / 2)``; ``None`` (the
                 default) applies no RoPE at all. Row ``p`` holds
                 absolute position ``p``. Applied GPT-J style (interleaved), as the authors do, to
@@ -135,17 +141,24 @@ class MultiheadDiffAttnV2(nn.Module):
                 values ``(B, Hkv, L, d)`` are appended and the queries attend over everything
                 cached. Create it as ``KVCache()`` or ``KVCache(max_len, batch_size)``; its
                 ``num_kv_heads``/``head_dim`` keywords preallocate V1's layout and do not fit V2.
+            cu_seqlens: optional int32 ``(docs + 1,)`` boundaries of documents packed in one row,
+                as for :class:`~multihead_sdpadiff.MultiheadDiffAttn` (packed ``position_ids``
+                that restart at 0 mean the same).
 
         Returns ``(B, L, embed_dim)``.
         """
+        cu_seqlens, position_ids = packed_layout(x, position_ids, cu_seqlens, attn_mask, cache)
+        old, position_ids = ragged_prelude(cache, x, attn_mask, position_ids, cu_seqlens)
+        causal, window = self.causal, self.window
         with transaction(cache):  # a call that raises leaves the cache as it was
             q, k, v = project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads,
-                                  v_width=self.head_dim)  # (B, 2H, L, d), (B, Hkv, Lk, d) each
+                                  v_width=self.head_dim, cu_seqlens=cu_seqlens)  # (B, 2H, L, d), (B, Hkv, Lk, d) each
             b, length = x.shape[:2]
-            out = self._attend(
-                q, k, v, self.lambda_full(x), attn_mask=attn_mask, is_causal=self.causal, scale=self.scaling,
-                impl=self.impl,
-            )  # (B, H, L, d)
+            if old is not None:
+                attn_mask, causal, window = ragged_mask(old, length, k.shape[2], causal, window), False, None
+            out = attend(self._attend, diff_attention_v2_varlen, q, k, v, self.lambda_full(x),
+                         attn_mask=attn_mask, causal=causal, window=window, scale=self.scaling,
+                         impl=self.impl, cu_seqlens=cu_seqlens)  # (B, H, L, d)
             return self.o_proj(out.transpose(1, 2).reshape(b, length, out.shape[1] * out.shape[3]))  # local H under TP
 
     def extra_repr(self) -> str:

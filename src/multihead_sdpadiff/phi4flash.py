@@ -8,8 +8,10 @@ The block is V1 differential attention in this library's pairing, with a fused `
 * a YOCO "cross" layer (``yoco_cross=True``) projects only q and attends, with full causal
   attention, to the cache that another (full-attention) layer wrote. It never writes.
 
-The sliding window is applied through an explicit bool band mask built per call (O(L · Lk) memory):
-the op has no window argument on this branch.
+The sliding window is the op's ``window = (W - 1, 0)`` (bottom-right aligned, so it holds with a
+cache too): ``chunked`` and ``triton`` skip the key blocks outside the band, so a sliding layer
+costs O(L · W), and no (L, Lk) band mask is built. :func:`sliding_window_mask` states the same band
+as a bool mask, for analysis and tests.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from .cache import KVCache, transaction
-from .layers import RMSNorm, _check_positive_int, lambda_init_fn
+from .layers import RMSNorm, _check_positive_int, impl_property, lambda_init_fn
 from .masks import prepare_mask
 from .ops import IMPLS, diff_attention
 
@@ -120,17 +122,7 @@ class Phi4FlashDiffAttention(nn.Module):
         for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
             nn.init.normal_(p, mean=0.0, std=0.1)
 
-    @property
-    def impl(self) -> str:
-        return self._impl
-
-    @impl.setter
-    def impl(self, value: str) -> None:
-        if not isinstance(value, str):
-            raise TypeError(f"impl must be a str, one of {IMPLS}, got {type(value).__name__}")
-        if value not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {value!r}")
-        self._impl = value
+    impl = impl_property(IMPLS)
 
     def lambda_full(self) -> torch.Tensor:
         """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, 0-dim, in float32 (float64 for float64 parameters)."""
@@ -184,20 +176,13 @@ class Phi4FlashDiffAttention(nn.Module):
                 v = proj[..., e + kv:].view(b, length, self.num_kv_heads, 2 * d).transpose(1, 2)  # [v[2g] | v[2g+1]]
                 if cache is not None:
                     k, v = cache.update(k, v)
-            if self.sliding_window is not None:
-                band = sliding_window_mask(length, lk, self.sliding_window, x.device)  # (L, Lk)
-                if mask is None:
-                    mask = band
-                elif mask.dtype == torch.bool:
-                    mask = mask & band
-                else:
-                    mask = mask.masked_fill(~band, float("-inf"))
             lam = self.lambda_full()
             if self.bf16_attention:
                 q, k, v, lam = q.bfloat16(), k.bfloat16(), v.bfloat16(), lam.bfloat16()
                 if mask is not None and mask.is_floating_point():
                     mask = mask.bfloat16()
-            out = diff_attention(q, k, v, lam, attn_mask=mask, is_causal=True, scale=self.scaling,
+            window = (self.sliding_window - 1, 0) if self.sliding_window is not None else None  # bottom-right band
+            out = diff_attention(q, k, v, lam, attn_mask=mask, is_causal=True, window=window, scale=self.scaling,
                                  impl=self.impl).to(x.dtype)  # (B, H, L, 2d)
             out = self.subln(out) * (1 - self.lambda_init)
             return self.out_proj(out.transpose(1, 2).reshape(b, length, e))  # (B, H, L, 2d) -> (B, L, 40 * 64)

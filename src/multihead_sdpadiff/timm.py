@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import RMSNorm, _check_positive_int, lambda_init_fn
+from .layers import RMSNorm, _check_positive_int, impl_property, lambda_init_fn
 from .ops import IMPLS, diff_attention
 
 __all__ = ["VisionDiffAttn", "from_timm", "state_dict_from_timm", "state_dict_to_timm", "timm_kwargs", "to_timm"]
@@ -92,17 +92,7 @@ class VisionDiffAttn(nn.Module):
                 setattr(self, name, nn.Parameter(torch.empty(self.head_dim, **lam_kw).normal_(0.0, 0.1)))
         self.subln = RMSNorm(2 * self.head_dim, eps=1e-5, **kw)
 
-    @property
-    def impl(self) -> str:
-        return self._impl
-
-    @impl.setter
-    def impl(self, value: str) -> None:
-        if not isinstance(value, str):
-            raise TypeError(f"impl must be a str, one of {IMPLS}, got {type(value).__name__}")
-        if value not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {value!r}")
-        self._impl = value
+    impl = impl_property(IMPLS)
 
     def lambda_full(self) -> torch.Tensor:
         """λ, 0-dim, in float32 (float64 for float64 parameters)."""

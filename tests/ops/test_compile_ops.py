@@ -63,4 +63,4 @@ def test_chunked_op_opcheck():
     pad[..., :3] = False
     i = _prepare(q, k, v, torch.tensor([0.3, 0.7], dtype=torch.float64, requires_grad=True), pad, True, None)
     torch.library.opcheck(torch.ops.sdpadiff.chunked_fwd.default,
-                          (i.q, i.k, i.v, i.lam, i.mask.tensor, True, i.scale, 4))
+                          (i.q, i.k, i.v, i.lam, i.mask.tensor, True, [-1, -1], [], [], i.scale, 4))

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multihead_sdpadiff import choose_impl, diff_attention
+from multihead_sdpadiff import choose_impl, diff_attention, diff_attention_varlen
 from multihead_sdpadiff.ops import _prepare, cpu_fused, get_strategy
 from tests.ops.test_diff_attention import CASES, case_id, make_inputs
+from tests.ops.test_window_varlen import WINDOW_CASES, cu, to_op, wid, window_inputs
 from tests.oracle import naive_low_precision, oracle_attention
 
 pytestmark = pytest.mark.skipif(
@@ -17,9 +18,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _check_against_oracle(q, k, v, lam, mask, causal, okw, tol=3e-5):
-    out = diff_attention(q, k, v, lam, attn_mask=mask, is_causal=causal, impl="cpu_fused")
-    want = oracle_attention(q.double(), k.double(), v.double(), lam.double(), causal=causal, **okw)
+def _check_against_oracle(q, k, v, lam, mask, causal, okw, tol=3e-5, window=None):
+    out = diff_attention(q, k, v, lam, attn_mask=mask, is_causal=causal, window=window, impl="cpu_fused")
+    want = oracle_attention(q.double(), k.double(), v.double(), lam.double(), causal=causal, window=window, **okw)
     torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
     g = torch.randn_like(want)
     got = torch.autograd.grad(out, (q, k, v, lam), g.to(out.dtype))
@@ -53,6 +54,38 @@ def test_odd_sizes_and_several_key_tiles(shape):
     pad = torch.ones(b, 1, 1, lk, dtype=torch.bool)
     pad[0, ..., : lk // 3] = False  # left padding: the first key tile is skipped for batch 0's rows
     _check_against_oracle(q, k, v, lam, pad, causal, {"bool_mask": pad})
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=wid)
+def test_float32_windows(case):
+    """Sliding windows are per-row key intervals (AttentionMask.row_bounds), as causal is."""
+    q, k, v, lam, mask, okw = window_inputs(case)
+    q, k, v, lam = (t.detach().float().requires_grad_() for t in (q, k, v, lam))
+    if mask is not None and mask.is_floating_point():
+        mask = mask.float()
+        okw = {"add_mask": mask}
+    _check_against_oracle(q, k, v, lam, mask, case[5], okw, window=case[6])
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (False, (3, 2))])
+def test_float32_packed_sequences(causal, window):
+    lens_q, lens_k, h, hkv, d = [5, 0, 9, 1], [7, 3, 9, 4], 2, 1, 16
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(sum(lens_q), 2 * h, d, generator=g).requires_grad_()
+    k = torch.randn(sum(lens_k), 2 * hkv, d, generator=g).requires_grad_()
+    v = torch.randn(sum(lens_k), hkv, 2 * d, generator=g).requires_grad_()
+    lam = torch.rand(h, generator=g).requires_grad_()
+    out = diff_attention_varlen(q, k, v, lam, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k),
+                                is_causal=causal, window=window, impl="cpu_fused")
+    want = oracle_attention(*(to_op(t.double()) for t in (q, k, v)), lam.double(), causal=causal, window=window,
+                            seqlens=(lens_q, lens_k))[0].transpose(0, 1)
+    torch.testing.assert_close(out.double(), want, rtol=3e-5, atol=3e-5)
+    gr = torch.randn_like(want)
+    got = torch.autograd.grad(out, (q, k, v, lam), gr.float())
+    exp = torch.autograd.grad(want, (q, k, v, lam), gr)
+    for name, a, b in zip("qkvλ", got, exp, strict=True):
+        scale = b.abs().max().item() or 1.0
+        torch.testing.assert_close(a.double() / scale, b.double() / scale, rtol=3e-5, atol=3e-5, msg=f"grad of {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

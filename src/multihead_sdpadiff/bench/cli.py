@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"torch threads for every timed call (default: torch.get_num_threads() = {torch.get_num_threads()})")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: bench-results/<timestamp>-<level>)")
     p.add_argument("--full", action="store_true", help="the longer sweep: more lengths, decode, more samples")
+    p.add_argument("--window", type=int, default=None, metavar="W",
+                   help="sliding window: each query sees itself and W - 1 keys before it; times the op with it "
+                        "against the dense causal op and standard attention with the same band "
+                        "(default --seq-lens 8192)")
+    p.add_argument("--docs", type=int, default=None, metavar="K",
+                   help="K packed documents of N/K tokens (varlen, causal per document), timed the same way "
+                        "(default --seq-lens 4096); combines with --window")
     g = p.add_argument_group("measurement (defaults from the preset)")
     g.add_argument("--min-time", type=float, default=None, help="seconds of timing per case, at least")
     g.add_argument("--min-reps", type=int, default=None, help="timing samples per case, at least")
@@ -149,6 +156,33 @@ def _plot_command(argv: list[str]) -> int:
     return 0
 
 
+def _structured(args, cfg, parser, argv) -> int:
+    from .structured import format_structured, run_structured
+
+    for name, value in (("--window", args.window), ("--docs", args.docs)):
+        if value is not None and value <= 0:
+            parser.error(f"{name} must be positive, got {value}")
+    if cfg.batch != 1:
+        parser.error("--window/--docs run one row (--batch 1)")
+    seq_lens = tuple(args.seq_lens or ((4096,) if args.docs is not None else (8192,)))
+    modes = tuple(m for m in (args.modes or ("fwd",)) if m != "decode")
+    impls = args.impls or ["auto"]
+    if len(impls) != 1:
+        parser.error("--window/--docs time one differential strategy: give one --impls NAME")
+    out_dir = _out_dir(args, "structured")
+    print(f"sdpadiff bench: window={args.window} docs={args.docs} N={list(seq_lens)} modes={list(modes)} "
+          f"impl={impls[0]}; {cfg.threads} threads; results -> {out_dir / 'results.json'}", flush=True)
+    doc = run_structured(seq_lens=seq_lens, window=args.window, docs=args.docs, impl=impls[0],
+                         embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                         dtype=cfg.dtype, device=torch.device(cfg.device), threads=cfg.threads, modes=modes,
+                         min_time=cfg.min_time, min_reps=cfg.min_reps, max_time=cfg.max_time,
+                         check_len=max(cfg.check_len, 64), out_dir=out_dir,
+                         command_line="sdpadiff bench " + shlex.join(argv))
+    print(format_structured(doc))
+    print(f"results: {out_dir / 'results.json'}")
+    return 1 if any(r["status"] == "wrong" for r in doc["results"]) else 0
+
+
 def main(argv: list[str]) -> int:
     argv = list(argv)
     if argv and argv[0] == "plot":
@@ -156,6 +190,8 @@ def main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     cfg = _config(args, parser)
+    if args.window is not None or args.docs is not None:
+        return _structured(args, cfg, parser, argv)
 
     from .cases import STANDARD, build_methods
     from .report import format_report

@@ -18,9 +18,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache, transaction
-from ..layers import MultiheadDiffAttn, check_dtype, project_qkv
-from ..masks import prepare_mask
+from ..layers import (
+    MultiheadDiffAttn,
+    check_dtype,
+    check_sliding_window,
+    packed_layout,
+    project_qkv,
+    ragged_mask,
+    ragged_prelude,
+)
+from ..masks import check_cu_seqlens, prepare_mask
 from ..ops.reference import diff_attention_maps, softmax_or_zero
+from ..ops.sdpa import per_sequence
 from ..rotary import apply_rotary_emb
 
 __all__ = ["ATTENTIONS", "LayerAttention", "StandardAttention", "attention_maps"]
@@ -37,6 +46,7 @@ class StandardAttention(nn.Module):
         num_heads: query heads; ``head_dim = embed_dim // num_heads``.
         num_kv_heads: key/value heads for GQA (dividing ``num_heads``); default ``num_heads``.
         causal: apply the causal mask, aligned bottom-right as in :mod:`multihead_sdpadiff.masks`.
+        sliding_window: ``W`` or ``None``: each query sees itself and the ``W - 1`` keys before it.
 
     Parameters ``q_proj`` (E → E), ``k_proj`` and ``v_proj`` (E → Hkv·head_dim), ``out_proj``
     (E → E), all without bias: with the same ``num_heads`` these are exactly the shapes of
@@ -54,10 +64,13 @@ class StandardAttention(nn.Module):
         num_kv_heads: int | None = None,
         *,
         causal: bool = True,
+        sliding_window: int | None = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
+        self.window = check_sliding_window(sliding_window)
+        self.sliding_window = sliding_window
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -82,9 +95,10 @@ class StandardAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=False, **kw)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=False, **kw)
 
-    def _qkv(self, x, rel_pos, position_ids, cache):
+    def _qkv(self, x, rel_pos, position_ids, cache, cu_seqlens=None):
         """q ``(B, H, L, d)`` and every key/value ``(B, Hkv, S, d)``, after RoPE and the cache."""
-        return project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads, v_width=self.head_dim)
+        return project_qkv(self, x, rel_pos, position_ids, cache, k_maps=self.num_kv_heads, v_width=self.head_dim,
+                           cu_seqlens=cu_seqlens)
 
     def forward(
         self,
@@ -94,23 +108,38 @@ class StandardAttention(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x (B, L, E) -> (B, L, E)``; ``attn_mask`` broadcastable to ``(B, H, L, len(cache) + L)``."""
+        """``x (B, L, E) -> (B, L, E)``; ``attn_mask`` broadcastable to ``(B, H, L, len(cache) + L)``.
+
+        ``cu_seqlens`` (or packed ``position_ids``) as for ``MultiheadDiffAttn``: one SDPA call per
+        document. A window is one explicit band mask per call."""
+        cu_seqlens, position_ids = packed_layout(x, position_ids, cu_seqlens, attn_mask, cache)
+        old, position_ids = ragged_prelude(cache, x, attn_mask, position_ids, cu_seqlens)
+        causal, window = self.causal, self.window
         with transaction(cache):  # a call that raises leaves the cache as it was
-            q, k, v = self._qkv(x, rel_pos, position_ids, cache)
+            q, k, v = self._qkv(x, rel_pos, position_ids, cache, cu_seqlens)
             b, length = x.shape[:2]
-            mask = prepare_mask(attn_mask, is_causal=self.causal, batch=b, heads=self.num_heads,
-                                lq=length, lk=k.shape[2], dtype=q.dtype)
-            sdpa_mask, is_causal = mask.sdpa_args(q.device)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=sdpa_mask, is_causal=is_causal, scale=self.scaling,
-                enable_gqa=q.shape[1] != k.shape[1],  # local head counts under TP
-            )  # (B, H, L, d)
+            if old is not None:
+                attn_mask, causal, window = ragged_mask(old, length, k.shape[2], causal, window), False, None
+            cu = check_cu_seqlens(cu_seqlens, "cu_seqlens", length) if cu_seqlens is not None else None
+            mask = prepare_mask(attn_mask, is_causal=causal, batch=b, heads=self.num_heads,
+                                lq=length, lk=k.shape[2], dtype=q.dtype, window=window, cu_q=cu, cu_k=cu)
+
+            def sdpa(q, k, v, _, mask, scale):
+                sdpa_mask, is_causal = mask.sdpa_args(q.device)
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=sdpa_mask, is_causal=is_causal, scale=scale,
+                    enable_gqa=q.shape[1] != k.shape[1],  # local head counts under TP
+                )
+
+            out = per_sequence(sdpa, q, k, v, None, mask, self.scaling, out_heads=q.shape[1])  # (B, H, L, d)
             return self.out_proj(out.transpose(1, 2).reshape(b, length, out.shape[1] * out.shape[3]))  # local H under TP
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, causal={self.causal}")
+                f"head_dim={self.head_dim}, causal={self.causal}"
+                + (f", sliding_window={self.sliding_window}" if self.sliding_window is not None else ""))
 
 
 class LayerAttention(NamedTuple):
@@ -143,6 +172,7 @@ def attention_maps(
     *,
     position_ids: torch.Tensor | None = None,
     cache: KVCache | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> LayerAttention:
     """The maps ``attn(x, rel_pos, attn_mask, position_ids=..., cache=...)`` applies, recomputed.
 
@@ -150,10 +180,18 @@ def attention_maps(
     cache (which stores them after RoPE), and the queries are the ``L`` newest positions. Without a
     cache the keys are projected from ``x``. The maps come from the plain equations (the
     ``reference`` strategy's :func:`~multihead_sdpadiff.ops.reference.diff_attention_maps` for a
-    differential layer), materialised in full: O(Lq·Lk) memory per head.
+    differential layer), materialised in full: O(Lq·Lk) memory per head. The layer's sliding
+    window and packed documents (``cu_seqlens`` or packed ``position_ids``) apply as in its forward;
+    a rolling cache has dropped keys the maps would need, and is refused.
     """
     b, length, _ = x.shape
+    if cache is not None and cache.is_rolling:
+        raise ValueError("attention maps cannot be recomputed from a rolling cache (it keeps only the "
+                         "window's keys); use a full cache for analysis")
     past = len(cache) - length if cache is not None else 0
+    cu_seqlens, position_ids = packed_layout(x, position_ids, cu_seqlens, attn_mask, cache)
+    cu = check_cu_seqlens(cu_seqlens, "cu_seqlens", length) if cu_seqlens is not None else None
+    extra = {"window": getattr(attn, "window", None), "cu_q": cu, "cu_k": cu}
     if isinstance(attn, MultiheadDiffAttn):
         h, hkv = attn.num_heads, attn.num_kv_heads
         q = _project_q(attn, x, 2 * h, rel_pos, position_ids, past)  # (B, 2H, L, d)
@@ -165,7 +203,7 @@ def attention_maps(
                 k = apply_rotary_emb(k, rel_pos[0], rel_pos[1], True, 0, position_ids=position_ids)
             k = k.transpose(1, 2)
         mask = prepare_mask(attn_mask, is_causal=attn.causal, batch=b, heads=h, lq=length, lk=k.shape[2],
-                            dtype=q.dtype)
+                            dtype=q.dtype, **extra)
         a1, a2 = diff_attention_maps(q, k, mask, attn.scaling)
         lam = attn.lambda_full().to(a1.dtype)
         return LayerAttention(a1 - lam * a2, a1, a2, lam)
@@ -178,7 +216,7 @@ def attention_maps(
         k = k.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)  # (B, H, S, d)
         scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * attn.scaling  # (B, H, L, S)
         mask = prepare_mask(attn_mask, is_causal=attn.causal, batch=b, heads=attn.num_heads, lq=length,
-                            lk=k.shape[2], dtype=work).dense(q.device)
+                            lk=k.shape[2], dtype=work, **extra).dense(q.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         return LayerAttention(softmax_or_zero(scores))

@@ -29,6 +29,9 @@ __all__ = ["CausalLMOutput", "DiffTransformer", "DiffTransformerConfig", "SwiGLU
 
 _CHECKPOINT_FORMAT = "multihead_sdpadiff.DiffTransformer/1"
 
+#: Names accepted in ``DiffTransformerConfig.layer_types``.
+LAYER_TYPES: tuple[str, ...] = ("full_attention", "sliding_attention")
+
 
 def _bad(field: str, why: str, value) -> ValueError:
     return ValueError(f"DiffTransformerConfig.{field} {why}, got {value!r}")
@@ -76,6 +79,12 @@ class DiffTransformerConfig:
         norm_eps: eps of every RMSNorm (blocks, final norm and the differential sub-norm).
         init_std: standard deviation of the normal init of embeddings and linear weights; the
             projections that write into the residual stream use ``init_std / sqrt(2 · num_layers)``.
+        sliding_window: ``W`` or ``None``. Windowed layers let each token see itself and the
+            ``W - 1`` tokens before it (transformers' convention); :meth:`DiffTransformer.generate`
+            gives them a rolling cache of the last ``W - 1`` positions.
+        layer_types: which layers are windowed, one of ``"sliding_attention"`` or
+            ``"full_attention"`` per layer (transformers' name), e.g. alternating. Default: every
+            layer ``"sliding_attention"`` when ``sliding_window`` is set, else every layer full.
     """
 
     vocab_size: int = 256
@@ -91,13 +100,15 @@ class DiffTransformerConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "max_seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise _bad(name, "must be a positive int", value)
-        for name in ("num_kv_heads", "intermediate_size"):
+        for name in ("num_kv_heads", "intermediate_size", "sliding_window"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise _bad(name, "must be a positive int or None", value)
@@ -105,6 +116,15 @@ class DiffTransformerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise _bad(name, "must be a positive finite number", value)
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, (tuple, list)) or len(self.layer_types) != self.num_layers or any(
+                t not in LAYER_TYPES for t in self.layer_types
+            ):
+                raise _bad("layer_types", f"must be None or {self.num_layers} entries (num_layers) from {LAYER_TYPES}",
+                           self.layer_types)
+            self.layer_types = tuple(self.layer_types)
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise _bad("layer_types", "has sliding_attention layers but sliding_window is None", self.layer_types)
         if not isinstance(self.match_params, bool):
             raise _bad("match_params", "must be a bool", self.match_params)
         if self.attention not in ATTENTIONS:
@@ -129,6 +149,14 @@ class DiffTransformerConfig:
                            self.num_heads)
             if kv % 2:
                 raise _bad("num_kv_heads", "must be even for attention='diff' (halved like num_heads)", kv)
+
+    def layer_window(self, depth: int) -> int | None:
+        """The ``sliding_window`` of layer ``depth`` (``None`` for a full-attention layer)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[depth] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     @property
     def kv_heads(self) -> int:
@@ -174,6 +202,7 @@ class SwiGLU(nn.Module):
 
 
 def _make_attention(config: DiffTransformerConfig, depth: int, **kw) -> nn.Module:
+    kw["sliding_window"] = config.layer_window(depth)
     if config.attention == "diff":
         return MultiheadDiffAttn(config.embed_dim, depth, config.num_heads, config.kv_heads, impl=config.impl,
                                  norm_eps=config.norm_eps, **kw)
@@ -206,12 +235,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(e, eps=config.norm_eps, **kw)
         self.ffn = SwiGLU(e, hidden, **kw)
 
-    def forward(self, x, rel_pos, attn_mask, position_ids, cache, return_attention: bool = False):
+    def forward(self, x, rel_pos, attn_mask, position_ids, cache, return_attention: bool = False, cu_seqlens=None):
         h = self.attn_norm(x)
-        x = x + self.attn(h, rel_pos, attn_mask, position_ids=position_ids, cache=cache)
+        packed = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}  # only packed calls name it
+        x = x + self.attn(h, rel_pos, attn_mask, position_ids=position_ids, cache=cache, **packed)
         maps = None
         if return_attention:
-            maps = attention_maps(self.attn, h, rel_pos, attn_mask, position_ids=position_ids, cache=cache)
+            maps = attention_maps(self.attn, h, rel_pos, attn_mask, position_ids=position_ids, cache=cache, **packed)
         return x + self.ffn(self.ffn_norm(x)), maps
 
 
@@ -281,10 +311,23 @@ class DiffTransformer(nn.Module):
     def new_cache(self, batch_size: int | None = None, max_len: int | None = None) -> list[KVCache]:
         """One :class:`~multihead_sdpadiff.KVCache` per layer: growing by default, preallocated for
         ``max_len`` positions of ``batch_size`` sequences when both are given (static shapes, what a
-        compiled decode step wants). Buffers are allocated at the first write."""
-        return [KVCache(max_len, batch_size) for _ in self.layers]
+        compiled decode step wants). Buffers are allocated at the first write. A sliding-window
+        layer gets a rolling cache of its last ``W - 1`` positions instead (memory O(W); its
+        shape changes until it is full)."""
+        caches = []
+        for i in range(len(self.layers)):
+            w = self.config.layer_window(i)
+            caches.append(KVCache(keep=w - 1) if w is not None else KVCache(max_len, batch_size))
+        return caches
 
     # --------------------------------------------------------------------------------- forward
+
+    def new_ragged_cache(self, batch_size: int) -> list[KVCache]:
+        """One ragged :class:`~multihead_sdpadiff.KVCache` per layer for ``batch_size`` sequences of
+        different lengths: prefill them packed (``input_ids (1, total)`` with ``cu_seqlens``, document
+        ``b`` goes to row ``b``), then decode ``(batch_size, 1)`` steps with no padding; row ``b`` equals
+        its sequence decoded alone. Sliding-window layers keep full rows and mask the window."""
+        return [KVCache(batch_size=batch_size, ragged=True) for _ in self.layers]
 
     def _check_cache(self, cache) -> int:
         if not isinstance(cache, (list, tuple)) or len(cache) != len(self.layers) or not all(
@@ -292,9 +335,9 @@ class DiffTransformer(nn.Module):
         ):
             raise TypeError(f"cache must be a list of {len(self.layers)} KVCache (see new_cache()), "
                             f"got {type(cache).__name__}")
-        past = len(cache[0])
-        if any(len(c) != past for c in cache):
-            raise ValueError(f"the layers' caches hold different lengths {[len(c) for c in cache]}")
+        past = cache[0].seen_tokens
+        if any(c.seen_tokens != past for c in cache):
+            raise ValueError(f"the layers' caches hold different lengths {[c.seen_tokens for c in cache]}")
         return past
 
     def forward(
@@ -306,6 +349,7 @@ class DiffTransformer(nn.Module):
         labels: torch.Tensor | None = None,
         *,
         return_attention: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """Logits for ``input_ids``, and a loss when ``labels`` are given.
 
@@ -317,7 +361,10 @@ class DiffTransformer(nn.Module):
                 addition. Left padding is the layout for generation.
             position_ids: optional ``(B, L)`` RoPE positions. Default: from ``attention_mask``
                 when given (the count of real tokens before each one, so a left-padded sequence
-                starts at 0), else ``past .. past + L - 1``.
+                starts at 0), else ``past .. past + L - 1``. With one row (``B = 1``), no
+                ``attention_mask`` and no cache, positions that restart at 0 mark packed
+                documents (transformers' ``DataCollatorWithFlattening``): each token then sees only
+                its own document, as with ``cu_seqlens``.
             cache: optional list of one :class:`~multihead_sdpadiff.KVCache` per layer
                 (:meth:`new_cache`); the new keys and values are appended.
             labels: optional ``(B, L)`` targets aligned with ``input_ids``: position ``t``'s logits
@@ -327,6 +374,11 @@ class DiffTransformer(nn.Module):
             return_attention: also return every layer's attention maps (see
                 :func:`~multihead_sdpadiff.models.attention_maps`), recomputed with the plain
                 equations. Costs O(L · (past + L)) memory per head: for analysis only.
+            cu_seqlens: optional int32 ``(docs + 1,)`` boundaries of documents packed in
+                ``input_ids`` of shape ``(1, total)`` (flash-attn's varlen layout): attention stays
+                inside each document (causal, and windowed in sliding layers) and RoPE restarts
+                at 0 in each. ``labels`` are not cut at the boundaries: set the first label of
+                each document to -100 so that no document predicts the next one's first token.
 
         Returns:
             :class:`CausalLMOutput` ``(logits, loss, attentions)``.
@@ -354,6 +406,9 @@ class DiffTransformer(nn.Module):
                     raise ValueError(f"labels must lie in [0, vocab_size={vocab}) or be -100 (ignored), "
                                      f"got {int(labels[bad][0])}")
         past = self._check_cache(cache) if cache is not None else 0
+        if cache is not None and cache[0].is_ragged and attention_mask is not None:
+            raise ValueError("attention_mask cannot be combined with ragged caches: each row's cache_seqlens "
+                             "says which keys it has (prefill ragged prompts packed, with cu_seqlens)")
         total = past + length
         if total > self.config.max_seq_len:
             raise ValueError(f"{total} positions exceed max_seq_len {self.config.max_seq_len}")
@@ -374,8 +429,11 @@ class DiffTransformer(nn.Module):
             cos, sin = self.rope_cos, self.rope_sin
             maps = []
             for i, block in enumerate(self.layers):
-                x, layer_maps = block(x, (cos, sin), key_mask, position_ids, cache[i] if cache is not None else None,
-                                      return_attention)
+                c = cache[i] if cache is not None else None
+                km = key_mask
+                if km is not None and c is not None and c.is_rolling:
+                    km = km[..., km.shape[-1] - (len(c) + length):]  # only the positions the rolling cache kept
+                x, layer_maps = block(x, (cos, sin), km, position_ids, c, return_attention, cu_seqlens)
                 maps.append(layer_maps)
             logits = F.linear(self.norm(x), self.embed_tokens.weight)  # (B, L, V), tied head
 
@@ -413,7 +471,8 @@ class DiffTransformer(nn.Module):
             generator: optional ``torch.Generator`` for sampling.
 
         Decoding runs a prefill pass and then one token per step, on a preallocated
-        :class:`~multihead_sdpadiff.KVCache` per layer of ``P + max_new_tokens`` positions. To
+        :class:`~multihead_sdpadiff.KVCache` per layer of ``P + max_new_tokens`` positions
+        (a rolling cache of ``W - 1`` positions in sliding-window layers, see :meth:`new_cache`). To
         compile it, compile the module in place (``model.compile(fullgraph=True)``): ``generate``
         calls ``self(...)``, so the prefill and the decode steps then run compiled (the decode
         graph is shape-dynamic in the key length after one recompile). ``torch.compile(model)``

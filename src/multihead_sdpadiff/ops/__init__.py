@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..masks import prepare_mask
+from ..masks import check_cu_seqlens, prepare_mask
 from . import chunked as _chunked
 from . import cpu_fused as _cpu_fused
 from . import reference as _reference
@@ -16,10 +16,20 @@ from .registry import FLOAT_DTYPES as _FLOAT
 from .registry import AutoRule, OpInputs, Registry, Strategy, check_lam_tensor, check_qkv, check_scale
 
 __all__ = [
-    "AUTO_RULES", "AutoRule", "IMPLS", "REGISTRY", "OpInputs", "Strategy", "choose_impl", "diff_attention", "get_strategy",
+    "AUTO_RULES", "AutoRule", "IMPLS", "REGISTRY", "OpInputs", "Strategy", "choose_impl", "diff_attention",
+    "diff_attention_varlen", "get_strategy",
 ]
 
 _log = logging.getLogger(__name__)
+
+def _per_sequence(fn):
+    """``fn`` run once per packed sequence (see :func:`.sdpa.per_sequence`)."""
+    def run(q, k, v, lam, mask, scale):
+        return _sdpa.per_sequence(fn, q, k, v, lam, mask, scale)
+    run.__name__ = run.__qualname__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
 
 #: The strategies of :func:`diff_attention`.
 REGISTRY = Registry("diff_attention")
@@ -29,17 +39,17 @@ get_strategy = REGISTRY.get
 register(Strategy("reference", _reference.reference,
                   "materialises A1 - lam*A2, one product with v (the paper's equation)",
                   flops=1.0, score_memory="O(N^2)", dtypes=_FLOAT))
-register(Strategy("sdpa_4pass", _sdpa.sdpa_4pass,
+register(Strategy("sdpa_4pass", _per_sequence(_sdpa.sdpa_4pass),
                   "original 1: four SDPA calls of width d", flops=2.0, score_memory="O(N)", dtypes=_FLOAT))
-register(Strategy("sdpa_2pass", _sdpa.sdpa_2pass,
+register(Strategy("sdpa_2pass", _per_sequence(_sdpa.sdpa_2pass),
                   "original 2: two SDPA calls with v of width 2d", flops=1.5, score_memory="O(N)",
                   dtypes=_FLOAT,
                   notes="On CPU, q and k are zero-padded to 2d so SDPA keeps its flash kernel "
                         "(otherwise math, O(N^2)); the padding doubles the QK^T work."))
-register(Strategy("sdpa_stacked", _sdpa.sdpa_stacked,
+register(Strategy("sdpa_stacked", _per_sequence(_sdpa.sdpa_stacked),
                   "original 3: one SDPA call over 4H heads of width d", flops=2.0, score_memory="O(N)",
                   dtypes=_FLOAT))
-register(Strategy("sdpa_paired", _sdpa.sdpa_paired,
+register(Strategy("sdpa_paired", _per_sequence(_sdpa.sdpa_paired),
                   "original 4: one SDPA call over 2H maps, v repeated to width 2d", flops=1.5,
                   score_memory="O(N)", dtypes=_FLOAT,
                   notes="On CPU, q and k are zero-padded to 2d as for sdpa_2pass."))
@@ -70,8 +80,10 @@ register(Strategy("cpu_fused", _cpu_fused.cpu_fused,
                   notes="Compiled on first use with torch.utils.cpp_extension (C++ compiler and ninja needed; "
                         "`sdpadiff build` compiles ahead of time). float64 stays on chunked."))
 
+
 def _run_triton(q, k, v, lam, mask, scale):
-    return _triton_fused.triton_diff_attention(q, k, v, lam, mask.tensor, mask.causal, scale)
+    return _triton_fused.triton_diff_attention(q, k, v, lam, mask.tensor, mask.causal, scale,
+                                               row_bounds=mask.row_bounds(q.device))
 
 
 register(Strategy("triton", _run_triton,
@@ -105,7 +117,7 @@ REGISTRY.rules = AUTO_RULES = (
 )
 
 
-def _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale) -> OpInputs:
+def _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale, window=None, cu=None) -> OpInputs:
     check_qkv(q, k, v)
     b, h2, lq, d = q.shape
     if k.shape[1] % 2 or k.shape[1] == 0:
@@ -133,7 +145,9 @@ def _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale) -> OpInputs:
         lam = torch.full((h,), float(lambda_full), device=q.device, dtype=work)
 
     scale = check_scale(scale, d)
-    mask = prepare_mask(attn_mask, is_causal=is_causal, batch=b, heads=h, lq=lq, lk=lk, dtype=q.dtype, device=q.device)
+    cu_q, cu_k = cu if cu is not None else (None, None)
+    mask = prepare_mask(attn_mask, is_causal=is_causal, batch=b, heads=h, lq=lq, lk=lk, dtype=q.dtype, device=q.device,
+                        window=window, cu_q=cu_q, cu_k=cu_k)
     return OpInputs(q, k, v, lam, mask, scale)
 
 
@@ -145,6 +159,7 @@ def diff_attention(
     *,
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
+    window: tuple[int, int] | None = None,
     scale: float | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
@@ -162,6 +177,11 @@ def diff_attention(
         is_causal: also apply the causal mask, aligned bottom-right: query ``j`` sees keys
             ``t <= j + Lk - Lq`` (right for a KV cache or chunked prefill; SDPA's own flag is
             top-left). Lq = 1 sees every key.
+        window: ``(left, right)``, flash-attn's ``window_size``; ``-1`` is unbounded, ``None`` is
+            ``(-1, -1)``. Aligned bottom-right like ``is_causal``: query ``j`` at position
+            ``p = j + Lk - Lq`` sees key ``t`` iff ``p - left <= t <= p + right``. Combines with
+            ``is_causal`` and ``attn_mask``. transformers' ``sliding_window = W`` is ``(W - 1, 0)``.
+            ``chunked`` and ``triton`` skip key blocks outside the band (cost O(Lq * window)).
         scale: score scale, default ``d ** -0.5``.
         impl: a name from :data:`IMPLS`. ``"auto"`` takes the first matching rule of
             :data:`AUTO_RULES` whose strategy can run the inputs; :func:`choose_impl` says which and
@@ -177,11 +197,86 @@ def diff_attention(
     Returns:
         ``(B, H, Lq, 2d)`` in q's dtype.
     """
-    inputs = _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale)
+    inputs = _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale, window)
     strategy, why = REGISTRY.resolve(impl, inputs)
     if impl == "auto" and not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG):
         _log.debug("diff_attention ran %s (%s) for q %s", strategy.name, why, tuple(q.shape))
     return strategy(inputs)
+
+
+def check_max_seqlen(value, name: str, cu: tuple[int, ...]) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    longest = max(b - a for a, b in zip(cu, cu[1:], strict=False))
+    if value < longest:
+        raise ValueError(f"{name} {value} is smaller than the longest sequence ({longest})")
+
+
+def varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """Check the packed ``(total, heads, width)`` tensors and ``cu_seqlens``; return the op's
+    ``(1, heads, total, width)`` views and the boundaries as Python ints."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total, heads, width) as flash-attn's varlen layout, "
+                             f"got shape {tuple(t.shape)}")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"k and v must have the same total_k, got {k.shape[0]} and {v.shape[0]}")
+    cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], q.device)
+    cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], q.device)
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
+                         f"got {len(cu_q)} and {len(cu_k)}")
+    check_max_seqlen(max_seqlen_q, "max_seqlen_q", cu_q)
+    check_max_seqlen(max_seqlen_k, "max_seqlen_k", cu_k)
+    views = tuple(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, total, width)
+    return views, (cu_q, cu_k)
+
+
+def diff_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lambda_full: float | torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    is_causal: bool = False,
+    window: tuple[int, int] | None = None,
+    scale: float | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """:func:`diff_attention` over packed sequences, in flash-attn's varlen layout.
+
+    Args:
+        q: ``(total_q, 2H, d)``: the sequences' queries one after the other.
+        k: ``(total_k, 2Hkv, d)``.
+        v: ``(total_k, Hkv, 2d)``.
+        lambda_full: as for :func:`diff_attention`.
+        cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)`` on q's device: sequence ``s`` holds
+            queries ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` and keys ``cu_seqlens_k[s]:cu_seqlens_k[s+1]``.
+            They start at 0, never decrease and end at ``total_q`` / ``total_k``.
+        max_seqlen_q, max_seqlen_k: at least the longest sequence (flash-attn's arguments; checked).
+        is_causal: the causal mask per sequence, aligned bottom-right (flash-attn >= 2.1): query
+            ``j`` of a sequence with ``Lq_s`` queries and ``Lk_s`` keys sees its keys
+            ``t <= j + Lk_s - Lq_s``.
+        window: ``(left, right)`` per sequence, aligned the same way (see :func:`diff_attention`).
+        scale, impl: as for :func:`diff_attention`.
+
+    A query sees only the keys of its own sequence. The op runs as one row (B = 1) with per-row
+    key intervals: ``chunked`` and ``triton`` skip every key block outside them, so the cost is
+    that of the visible pairs; the ``sdpa_*`` strategies make one SDPA call per sequence.
+
+    Returns:
+        ``(total_q, H, 2d)`` in q's dtype.
+    """
+    (q4, k4, v4), cu = varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    inputs = _prepare(q4, k4, v4, lambda_full, None, is_causal, scale, window, cu)
+    strategy, why = REGISTRY.resolve(impl, inputs)
+    return strategy(inputs)[0].transpose(0, 1)  # (total_q, H, 2d)
 
 
 def choose_impl(
@@ -192,9 +287,10 @@ def choose_impl(
     *,
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
+    window: tuple[int, int] | None = None,
     scale: float | None = None,
     impl: str = "auto",
 ) -> tuple[str, str]:
     """The strategy :func:`diff_attention` would run for these inputs, and why: ``(name, reason)``."""
-    strategy, why = REGISTRY.resolve(impl, _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale))
+    strategy, why = REGISTRY.resolve(impl, _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale, window))
     return strategy.name, why

@@ -15,8 +15,12 @@ Notation used throughout:
   * a "bias" tile holds 0 for visible (row, key) pairs, -inf for hidden ones
     and the (scaled) additive mask value otherwise.  It is built once per tile
     and added to the scores of both maps;
-  * ``EDGE`` tiles are the ones that may contain hidden pairs because of the
-    causal diagonal or because they cross the end of the sequence.  Interior
+  * every query row j sees the keys [LO[j], HI[j]) (causal, sliding window and
+    packed sequences are all such intervals; both bounds are non-decreasing in
+    j), intersected with the optional mask.  Tiles outside every row's interval
+    are never visited;
+  * ``EDGE`` tiles are the ones that may contain hidden pairs because they
+    cross some row's interval bound or the end of the sequence.  Interior
     tiles skip that bookkeeping.
 """
 
@@ -61,20 +65,21 @@ def _log(x, EXP2: tl.constexpr):
 
 
 @triton.jit
-def _bias_tile(qi, kj, Lq, Lk, delta, mask_base, smm, smn, mask_scale,
+def _bias_tile(qi, kj, lo, hi, Lq, Lk, mask_base, smm, smn, mask_scale,
                HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, EDGE: tl.constexpr, ACC: tl.constexpr):
+               EDGE: tl.constexpr, ACC: tl.constexpr):
     """Bias for the tile spanned by query indices ``qi`` and key indices ``kj``.
 
     ``qi`` and ``kj`` are 2-D (one of them a row, the other a column vector), so
     the same helper serves the row-major (forward, dq) and the transposed (dk/dv)
-    tiles.  Out-of-range pairs are always hidden; the causal rule (bottom-right
-    aligned: key kj is visible from query qi iff kj <= qi + Lk - Lq) is only
-    evaluated on EDGE tiles, the only ones where it can hide something.
+    tiles; ``lo`` and ``hi`` are the rows' key intervals, shaped like ``qi``.
+    Out-of-range pairs are always hidden; the interval rule (key kj is visible
+    from query qi iff lo <= kj < hi) is only evaluated on EDGE tiles, the only
+    ones where it can hide something.
     """
     ok = (qi < Lq) & (kj < Lk)
-    if EDGE and IS_CAUSAL:
-        ok = ok & (kj <= qi + delta)
+    if EDGE:
+        ok = ok & (kj >= lo) & (kj < hi)
     if HAS_MASK:
         mval = tl.load(mask_base + qi * smm + kj * smn, mask=ok, other=0)
         if MASK_BOOL:
@@ -87,6 +92,31 @@ def _bias_tile(qi, kj, Lq, Lk, delta, mask_base, smm, smn, mask_scale,
     return bias
 
 
+@triton.jit
+def _key_range(LO, HI, start_m, offs_m, Lq, BLOCK_N: tl.constexpr):
+    """The rows' intervals and the key tiles of the query tile starting at ``start_m``.
+
+    Returns ``lo, hi`` (per row; rows past Lq repeat the last one) and the tile
+    starts ``n_begin <= n_fs <= n_fe <= n_end``: tiles in [n_fs, n_fe) lie inside
+    every row's interval (no per-element masking), those in [n_begin, n_fs) and
+    [n_fe, n_end) are EDGE tiles.  Bounds are non-decreasing in the row, so the
+    first row holds the smallest bounds and the last one the largest (the
+    reductions below do not rely on it).
+    """
+    rows = tl.minimum(offs_m, Lq - 1)
+    lo = tl.load(LO + rows)
+    hi = tl.load(HI + rows)
+    lo_first = tl.min(lo, 0)
+    lo_last = tl.max(lo, 0)
+    hi_first = tl.min(hi, 0)
+    hi_last = tl.max(hi, 0)
+    n_begin = lo_first // BLOCK_N * BLOCK_N
+    n_end = tl.maximum(hi_last, n_begin)
+    n_fs = tl.minimum(tl.maximum((lo_last + BLOCK_N - 1) // BLOCK_N * BLOCK_N, n_begin), n_end)
+    n_fe = tl.minimum(tl.maximum(hi_first // BLOCK_N * BLOCK_N, n_fs), n_end)
+    return lo, hi, n_begin, n_fs, n_fe, n_end
+
+
 # --------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------
@@ -94,10 +124,10 @@ def _bias_tile(qi, kj, Lq, Lk, delta, mask_base, smm, smn, mask_scale,
 @triton.jit
 def _fwd_tile(q1, q2, k1_base, k2_base, v_base, skn, skd, svn, svd,
               m1, l1, acc1, m2, l2, acc2,
-              start_n, offs_m, offs_nb, offs_d, offs_e,
-              Lq, Lk, delta, mask_base, smm, smn, mask_scale, qk_scale,
+              start_n, offs_m, offs_nb, offs_d, offs_e, lo, hi,
+              Lq, Lk, mask_base, smm, smn, mask_scale, qk_scale,
               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-              IS_CAUSAL: tl.constexpr, EDGE: tl.constexpr,
+              EDGE: tl.constexpr,
               EXP2: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
               UPCAST: tl.constexpr):
     """Fold one key tile into the two online-softmax states."""
@@ -117,9 +147,9 @@ def _fwd_tile(q1, q2, k1_base, k2_base, v_base, skn, skd, svn, svd,
     s1 = _mm(q1, tl.trans(k1), DOT_PREC, ACC, UPCAST) * qk_scale
     s2 = _mm(q2, tl.trans(k2), DOT_PREC, ACC, UPCAST) * qk_scale
     if HAS_MASK or EDGE:
-        bias = _bias_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, delta,
+        bias = _bias_tile(offs_m[:, None], offs_n[None, :], lo[:, None], hi[:, None], Lq, Lk,
                           mask_base, smm, smn, mask_scale,
-                          HAS_MASK, MASK_BOOL, IS_CAUSAL, EDGE, ACC)
+                          HAS_MASK, MASK_BOOL, EDGE, ACC)
         s1 = s1 + bias
         s2 = s2 + bias
 
@@ -143,7 +173,7 @@ def _fwd_tile(q1, q2, k1_base, k2_base, v_base, skn, skd, svn, svd,
 
 @triton.jit
 def diff_attn_fwd_kernel(
-    Q, K, V, LAM, MASK, O, O2, LSE,
+    Q, K, V, LAM, MASK, LO, HI, O, O2, LSE,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -151,7 +181,7 @@ def diff_attn_fwd_kernel(
     H, GROUP, Lq, Lk,
     qk_hi, qk_lo, mask_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     STORE_AUX: tl.constexpr, EXP2: tl.constexpr, ACC: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -193,30 +223,25 @@ def diff_attn_fwd_kernel(
     acc1 = tl.zeros([BLOCK_M, 2 * D], ACC)
     acc2 = tl.zeros([BLOCK_M, 2 * D], ACC)
 
-    # Key range of this query tile.  [0, n_full) holds whole tiles that every
-    # row of the tile may see (no per-element masking besides attn_mask);
-    # [n_full, n_end) holds the causal diagonal and/or the ragged last tile.
-    delta = Lk - Lq
-    if IS_CAUSAL:
-        n_end = tl.minimum(Lk, start_m + BLOCK_M + delta)
-        # (start_m + delta + 1 <= Lk, so these tiles never cross the end.)
-        n_full = tl.maximum(start_m + delta + 1, 0) // BLOCK_N * BLOCK_N
-    else:
-        n_end = Lk
-        n_full = Lk // BLOCK_N * BLOCK_N
-
-    for start_n in range(0, n_full, BLOCK_N):
+    lo, hi, n_begin, n_fs, n_fe, n_end = _key_range(LO, HI, start_m, offs_m, Lq, BLOCK_N)
+    for start_n in range(n_begin, n_fs, BLOCK_N):
         m1, l1, acc1, m2, l2, acc2 = _fwd_tile(
             q1, q2, k1_base, k2_base, v_base, skn, skd, svn, svd,
-            m1, l1, acc1, m2, l2, acc2, start_n, offs_m, offs_nb, offs_d, offs_e,
-            Lq, Lk, delta, mask_base, smm, smn, mask_scale, qk_scale,
-            HAS_MASK, MASK_BOOL, IS_CAUSAL, False, EXP2, ACC, DOT_PREC, UPCAST)
-    for start_n in range(n_full, n_end, BLOCK_N):
+            m1, l1, acc1, m2, l2, acc2, start_n, offs_m, offs_nb, offs_d, offs_e, lo, hi,
+            Lq, Lk, mask_base, smm, smn, mask_scale, qk_scale,
+            HAS_MASK, MASK_BOOL, True, EXP2, ACC, DOT_PREC, UPCAST)
+    for start_n in range(n_fs, n_fe, BLOCK_N):
         m1, l1, acc1, m2, l2, acc2 = _fwd_tile(
             q1, q2, k1_base, k2_base, v_base, skn, skd, svn, svd,
-            m1, l1, acc1, m2, l2, acc2, start_n, offs_m, offs_nb, offs_d, offs_e,
-            Lq, Lk, delta, mask_base, smm, smn, mask_scale, qk_scale,
-            HAS_MASK, MASK_BOOL, IS_CAUSAL, True, EXP2, ACC, DOT_PREC, UPCAST)
+            m1, l1, acc1, m2, l2, acc2, start_n, offs_m, offs_nb, offs_d, offs_e, lo, hi,
+            Lq, Lk, mask_base, smm, smn, mask_scale, qk_scale,
+            HAS_MASK, MASK_BOOL, False, EXP2, ACC, DOT_PREC, UPCAST)
+    for start_n in range(n_fe, n_end, BLOCK_N):
+        m1, l1, acc1, m2, l2, acc2 = _fwd_tile(
+            q1, q2, k1_base, k2_base, v_base, skn, skd, svn, svd,
+            m1, l1, acc1, m2, l2, acc2, start_n, offs_m, offs_nb, offs_d, offs_e, lo, hi,
+            Lq, Lk, mask_base, smm, smn, mask_scale, qk_scale,
+            HAS_MASK, MASK_BOOL, True, EXP2, ACC, DOT_PREC, UPCAST)
 
     # Rows that saw no key have l == 0 and acc == 0: they produce zeros.
     l1_safe = tl.where(l1 > 0, l1, 1.0)
@@ -287,10 +312,10 @@ def diff_attn_bwd_pre_kernel(
 def _bwd_kv_tile(k1, k2, v, dk1, dk2, dv, lam,
                  q1_base, q2_base, do_base, lse_base, dl_base,
                  sqm, sqd, sdm, sde,
-                 start_m, offs_n, offs_mb, offs_d, offs_e,
-                 Lq, Lk, delta, mask_base, smm, smn, mask_scale, qk_scale,
+                 start_m, offs_n, offs_mb, offs_d, offs_e, LO, HI,
+                 Lq, Lk, mask_base, smm, smn, mask_scale, qk_scale,
                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, EDGE: tl.constexpr,
+                 EDGE: tl.constexpr,
                  EXP2: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
                  UPCAST: tl.constexpr):
     """Accumulate one query tile's contribution to dK1, dK2, dV.
@@ -314,9 +339,12 @@ def _bwd_kv_tile(k1, k2, v, dk1, dk2, dv, lam,
     s1t = _mm(k1, tl.trans(q1), DOT_PREC, ACC, UPCAST) * qk_scale
     s2t = _mm(k2, tl.trans(q2), DOT_PREC, ACC, UPCAST) * qk_scale
     if HAS_MASK or EDGE:
-        bias = _bias_tile(offs_m[None, :], offs_n[:, None], Lq, Lk, delta,
+        rows = tl.minimum(offs_m, Lq - 1)
+        lo = tl.load(LO + rows)
+        hi = tl.load(HI + rows)
+        bias = _bias_tile(offs_m[None, :], offs_n[:, None], lo[None, :], hi[None, :], Lq, Lk,
                           mask_base, smm, smn, mask_scale,
-                          HAS_MASK, MASK_BOOL, IS_CAUSAL, EDGE, ACC)
+                          HAS_MASK, MASK_BOOL, EDGE, ACC)
         s1t = s1t + bias
         s2t = s2t + bias
     p1t = _exp(s1t - lse1[None, :], EXP2)
@@ -335,7 +363,7 @@ def _bwd_kv_tile(k1, k2, v, dk1, dk2, dv, lam,
 
 @triton.jit
 def diff_attn_bwd_kv_kernel(
-    Q, K, V, LAM, MASK, DO, LSE, DELTA, DK, DV,
+    Q, K, V, LAM, MASK, LO, HI, MT, DO, LSE, DELTA, DK, DV,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -344,13 +372,16 @@ def diff_attn_bwd_kv_kernel(
     H, HKV, GROUP, Lq, Lk,
     qk_hi, qk_lo, sm_hi, sm_lo, mask_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     EXP2: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dK (both maps of group g) and dV (value head g) for one key tile.
 
     Loops over the GROUP differential heads sharing this kv group and over the
-    query tiles that can see the key tile, so no atomics are needed.
+    query tiles that can see the key tile, so no atomics are needed.  MT holds,
+    per key tile, the query tile starts m_begin <= m_fs <= m_fe <= m_end
+    (contiguous int32 (n_tiles, 4)): tiles in [m_fs, m_fe) see every key of the
+    tile, the others are EDGE tiles; no other query tile sees any of its keys.
     DK is contiguous (B, 2*HKV, Lk, D), DV contiguous (B, HKV, Lk, 2D).
     """
     pid_n = tl.program_id(0)
@@ -378,17 +409,10 @@ def diff_attn_bwd_kv_kernel(
     dk2 = tl.zeros([BLOCK_N, D], ACC)
     dv = tl.zeros([BLOCK_N, 2 * D], ACC)
 
-    # Query tiles that see any key of this tile start at m_lo; those below
-    # m_mid straddle the causal diagonal and need per-element masking.
-    delta = Lk - Lq
-    if IS_CAUSAL:
-        m_lo = tl.maximum(start_n - delta, 0) // BLOCK_M * BLOCK_M
-        m_mid = (tl.maximum(start_n + BLOCK_N - 1 - delta, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        m_mid = tl.minimum(m_mid, (Lq + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
-        m_mid = tl.maximum(m_mid, m_lo)
-    else:
-        m_lo = 0
-        m_mid = 0
+    m_begin = tl.load(MT + pid_n * 4)
+    m_fs = tl.load(MT + pid_n * 4 + 1)
+    m_fe = tl.load(MT + pid_n * 4 + 2)
+    m_end = tl.load(MT + pid_n * 4 + 3)
 
     for h in range(g * GROUP, g * GROUP + GROUP):
         h64 = tl.cast(h, tl.int64)
@@ -400,18 +424,24 @@ def diff_attn_bwd_kv_kernel(
         lse_base = LSE + row_base
         dl_base = DELTA + row_base
         mask_base = MASK + b * smb + h64 * smh
-        for start_m in range(m_lo, m_mid, BLOCK_M):
+        for start_m in range(m_begin, m_fs, BLOCK_M):
             dk1, dk2, dv = _bwd_kv_tile(
                 k1, k2, v, dk1, dk2, dv, lam, q1_base, q2_base, do_base, lse_base, dl_base,
-                sqm, sqd, sdm, sde, start_m, offs_n, offs_mb, offs_d, offs_e,
-                Lq, Lk, delta, mask_base, smm, smn, mask_scale, qk_scale,
-                HAS_MASK, MASK_BOOL, IS_CAUSAL, True, EXP2, ACC, DOT_PREC, UPCAST)
-        for start_m in range(m_mid, Lq, BLOCK_M):
+                sqm, sqd, sdm, sde, start_m, offs_n, offs_mb, offs_d, offs_e, LO, HI,
+                Lq, Lk, mask_base, smm, smn, mask_scale, qk_scale,
+                HAS_MASK, MASK_BOOL, True, EXP2, ACC, DOT_PREC, UPCAST)
+        for start_m in range(m_fs, m_fe, BLOCK_M):
             dk1, dk2, dv = _bwd_kv_tile(
                 k1, k2, v, dk1, dk2, dv, lam, q1_base, q2_base, do_base, lse_base, dl_base,
-                sqm, sqd, sdm, sde, start_m, offs_n, offs_mb, offs_d, offs_e,
-                Lq, Lk, delta, mask_base, smm, smn, mask_scale, qk_scale,
-                HAS_MASK, MASK_BOOL, IS_CAUSAL, False, EXP2, ACC, DOT_PREC, UPCAST)
+                sqm, sqd, sdm, sde, start_m, offs_n, offs_mb, offs_d, offs_e, LO, HI,
+                Lq, Lk, mask_base, smm, smn, mask_scale, qk_scale,
+                HAS_MASK, MASK_BOOL, False, EXP2, ACC, DOT_PREC, UPCAST)
+        for start_m in range(m_fe, m_end, BLOCK_M):
+            dk1, dk2, dv = _bwd_kv_tile(
+                k1, k2, v, dk1, dk2, dv, lam, q1_base, q2_base, do_base, lse_base, dl_base,
+                sqm, sqd, sdm, sde, start_m, offs_n, offs_mb, offs_d, offs_e, LO, HI,
+                Lq, Lk, mask_base, smm, smn, mask_scale, qk_scale,
+                HAS_MASK, MASK_BOOL, True, EXP2, ACC, DOT_PREC, UPCAST)
 
     sm_scale = tl.cast(sm_hi, ACC) + tl.cast(sm_lo, ACC)
     dk1 = dk1 * sm_scale
@@ -428,10 +458,10 @@ def diff_attn_bwd_kv_kernel(
 @triton.jit
 def _bwd_q_tile(q1, q2, do, dq1, dq2, lam, lse1, lse2, d1, d2,
                 k1_base, k2_base, v_base, skn, skd, svn, svd,
-                start_n, offs_m, offs_nb, offs_d, offs_e,
-                Lq, Lk, delta, mask_base, smm, smn, mask_scale, qk_scale,
+                start_n, offs_m, offs_nb, offs_d, offs_e, lo, hi,
+                Lq, Lk, mask_base, smm, smn, mask_scale, qk_scale,
                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-                IS_CAUSAL: tl.constexpr, EDGE: tl.constexpr,
+                EDGE: tl.constexpr,
                 EXP2: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
                 UPCAST: tl.constexpr):
     """Accumulate one key tile's contribution to dQ1, dQ2."""
@@ -451,9 +481,9 @@ def _bwd_q_tile(q1, q2, do, dq1, dq2, lam, lse1, lse2, d1, d2,
     s1 = _mm(q1, tl.trans(k1), DOT_PREC, ACC, UPCAST) * qk_scale
     s2 = _mm(q2, tl.trans(k2), DOT_PREC, ACC, UPCAST) * qk_scale
     if HAS_MASK or EDGE:
-        bias = _bias_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, delta,
+        bias = _bias_tile(offs_m[:, None], offs_n[None, :], lo[:, None], hi[:, None], Lq, Lk,
                           mask_base, smm, smn, mask_scale,
-                          HAS_MASK, MASK_BOOL, IS_CAUSAL, EDGE, ACC)
+                          HAS_MASK, MASK_BOOL, EDGE, ACC)
         s1 = s1 + bias
         s2 = s2 + bias
     p1 = _exp(s1 - lse1[:, None], EXP2)
@@ -468,7 +498,7 @@ def _bwd_q_tile(q1, q2, do, dq1, dq2, lam, lse1, lse2, d1, d2,
 
 @triton.jit
 def diff_attn_bwd_q_kernel(
-    Q, K, V, LAM, MASK, DO, LSE, DELTA, DQ,
+    Q, K, V, LAM, MASK, LO, HI, DO, LSE, DELTA, DQ,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -477,7 +507,7 @@ def diff_attn_bwd_q_kernel(
     H, GROUP, Lq, Lk,
     qk_hi, qk_lo, sm_hi, sm_lo, mask_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     EXP2: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dQ for both maps of one differential head and one query tile.
@@ -522,29 +552,28 @@ def diff_attn_bwd_q_kernel(
     dq1 = tl.zeros([BLOCK_M, D], ACC)
     dq2 = tl.zeros([BLOCK_M, D], ACC)
 
-    delta = Lk - Lq
-    if IS_CAUSAL:
-        n_end = tl.minimum(Lk, start_m + BLOCK_M + delta)
-        # (start_m + delta + 1 <= Lk, so these tiles never cross the end.)
-        n_full = tl.maximum(start_m + delta + 1, 0) // BLOCK_N * BLOCK_N
-    else:
-        n_end = Lk
-        n_full = Lk // BLOCK_N * BLOCK_N
-
-    for start_n in range(0, n_full, BLOCK_N):
+    lo, hi, n_begin, n_fs, n_fe, n_end = _key_range(LO, HI, start_m, offs_m, Lq, BLOCK_N)
+    for start_n in range(n_begin, n_fs, BLOCK_N):
         dq1, dq2 = _bwd_q_tile(
             q1, q2, do, dq1, dq2, lam, lse1, lse2, d1, d2,
             k1_base, k2_base, v_base, skn, skd, svn, svd,
-            start_n, offs_m, offs_nb, offs_d, offs_e,
-            Lq, Lk, delta, mask_base, smm, smn, mask_scale, qk_scale,
-            HAS_MASK, MASK_BOOL, IS_CAUSAL, False, EXP2, ACC, DOT_PREC, UPCAST)
-    for start_n in range(n_full, n_end, BLOCK_N):
+            start_n, offs_m, offs_nb, offs_d, offs_e, lo, hi,
+            Lq, Lk, mask_base, smm, smn, mask_scale, qk_scale,
+            HAS_MASK, MASK_BOOL, True, EXP2, ACC, DOT_PREC, UPCAST)
+    for start_n in range(n_fs, n_fe, BLOCK_N):
         dq1, dq2 = _bwd_q_tile(
             q1, q2, do, dq1, dq2, lam, lse1, lse2, d1, d2,
             k1_base, k2_base, v_base, skn, skd, svn, svd,
-            start_n, offs_m, offs_nb, offs_d, offs_e,
-            Lq, Lk, delta, mask_base, smm, smn, mask_scale, qk_scale,
-            HAS_MASK, MASK_BOOL, IS_CAUSAL, True, EXP2, ACC, DOT_PREC, UPCAST)
+            start_n, offs_m, offs_nb, offs_d, offs_e, lo, hi,
+            Lq, Lk, mask_base, smm, smn, mask_scale, qk_scale,
+            HAS_MASK, MASK_BOOL, False, EXP2, ACC, DOT_PREC, UPCAST)
+    for start_n in range(n_fe, n_end, BLOCK_N):
+        dq1, dq2 = _bwd_q_tile(
+            q1, q2, do, dq1, dq2, lam, lse1, lse2, d1, d2,
+            k1_base, k2_base, v_base, skn, skd, svn, svd,
+            start_n, offs_m, offs_nb, offs_d, offs_e, lo, hi,
+            Lq, Lk, mask_base, smm, smn, mask_scale, qk_scale,
+            HAS_MASK, MASK_BOOL, True, EXP2, ACC, DOT_PREC, UPCAST)
 
     sm_scale = tl.cast(sm_hi, ACC) + tl.cast(sm_lo, ACC)
     dq_base = DQ + (b * (2 * H) + 2 * h64) * Lq * D

@@ -6,9 +6,12 @@ v. For float16 and bfloat16 inputs the scores are formed in float32 too (q and k
 before QKᵀ), forward and backward; only the product with v runs in v's dtype, as in SDPA. That is 8·N²·d FLOPs per head (standard attention of width 2d), against 12–16·N²·d for the
 SDPA strategies, with O(block · Lk) score memory instead of the reference's O(Lq · Lk).
 
-* Key ranges: a block only reads the keys up to its last visible one under the bottom-right causal
-  mask, and, with a mask tensor, between the first and last key any of its rows may see (left or
-  right padding). Whole hidden key blocks are never touched.
+* Key ranges: causal, window and packed sequences are per-row key intervals
+  (:meth:`AttentionMask.row_bounds`); a block reads only the keys from its first row's lower bound
+  to its last row's upper bound, and, with a mask tensor, between the first and last key any of
+  its rows may see (left or right padding). Whole hidden key blocks are never touched, so a band
+  of width W costs O(Lq * (W + block)) and packed sequences cost their own pairs. Blocks never
+  cross a packed sequence's boundary, and are sized by the keys a row sees.
 * GQA without copies: the ``rep = H / Hkv`` heads of a group are stacked along the query rows of
   the block, so one batched matmul per group reads the compact k and v in place.
 * Backward: recomputes each block's maps (as FlashAttention recomputes its tiles), so training
@@ -51,38 +54,45 @@ class _Plan:
         self.rep = self.h // self.hkv
         self.mask = mask
         self.k_t = None
-        self._hidden: dict[tuple[int, int, int], torch.Tensor] = {}
-        self.block = block or block_size(self.b, self.h, self.lk, q.device)
         self.work = torch.float64 if q.dtype == torch.float64 else torch.float32
-        # For each query block: (i0, i1, k0, k1), the visible key range [k0, k1).
+        # Causal, window and packing as per-row key intervals [lo, hi), non-decreasing in the row.
+        self.bounded = mask.intervals_hide_anything
+        lo, hi = mask.row_bounds("cpu")
+        self._lo_l, self._hi_l = lo.tolist(), hi.tolist()
+        self._lo, self._hi = (lo.to(q.device), hi.to(q.device)) if self.bounded else (None, None)
+        if block is None:
+            width = self.lk
+            if mask.has_window or mask.is_packed:
+                # A band or block diagonal: size blocks by the keys a row sees, not by Lk.
+                width = max(1, int((hi - lo).float().mean().item()) if self.lq else 1)
+            block = block_size(self.b, self.h, width, q.device)
+            if width < self.lk:
+                block = max(16, min(block, 1 << max(4, (max(1, width) // 2).bit_length() - 1)))
+        self.block = block
+        # For each query block: (i0, i1, k0, k1), the visible key range [k0, k1). Blocks never
+        # cross a packed sequence's boundary, so each one reads only its own sequence's keys.
         self.blocks = []
         m = mask.tensor
         visible = None
         if m is not None:
             visible = (m if m.dtype == torch.bool else m > float("-inf")).any(dim=(0, 1))  # (Lq, Lk)
-        for i0 in range(0, self.lq, self.block):
-            i1 = min(self.lq, i0 + self.block)
-            k0, k1 = 0, self.lk
-            if mask.causal:
-                k1 = max(0, min(self.lk, i1 + self.lk - self.lq))
-            if visible is not None and k1 > 0:
-                cols = visible[i0:i1, :k1].any(dim=0).nonzero()
-                k0, k1 = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 0)
-            self.blocks.append((i0, i1, k0, k1))
+        for q0, q1, _, _ in mask.sequences():
+            for i0 in range(q0, q1, self.block):
+                i1 = min(q1, i0 + self.block)
+                # Bounds are non-decreasing: the first row has the smallest, the last the largest.
+                k0, k1 = self._lo_l[i0], self._hi_l[i1 - 1]
+                if visible is not None and k1 > k0:
+                    cols = visible[i0:i1, k0:k1].any(dim=0).nonzero()
+                    k0, k1 = (k0 + int(cols[0]), k0 + int(cols[-1]) + 1) if len(cols) else (0, 0)
+                self.blocks.append((i0, i1, max(k0, 0), max(k1, 0)))
 
-    def causal_hidden(self, rows: int, shift: int, width: int, device) -> torch.Tensor:
-        """Bool ``(rows, width)``: True where the causal mask hides column ``c`` from row ``r``.
-
-        The block's columns start ``shift`` past the first one its first row cannot see, so the
-        pattern is ``c + shift >= r``; it repeats across blocks and is built once per shape.
-        """
-        key = (rows, shift, width)
-        hidden = self._hidden.get(key)
-        if hidden is None:
-            r = torch.arange(rows, device=device).unsqueeze(1)
-            c = torch.arange(width, device=device).unsqueeze(0)
-            hidden = self._hidden[key] = c + shift >= r
-        return hidden
+    def hidden(self, i0, i1, k0, k1, device) -> torch.Tensor | None:
+        """Bool ``(bq, k1 - k0)``: True where the row intervals hide column ``k0 + c`` from row
+        ``i0 + r``; ``None`` when every row of the block sees every column of ``[k0, k1)``."""
+        if not self.bounded or (self._lo_l[i1 - 1] <= k0 and self._hi_l[i0] >= k1):
+            return None
+        cols = torch.arange(k0, k1, device=device)
+        return (cols < self._lo[i0:i1, None]) | (cols >= self._hi[i0:i1, None])
 
     def q_block(self, q, i0, i1, scale=1.0):
         """(B, 2H, Lq, d) -> (B, Hkv, 2, rep*bq, d) in the working precision, times ``scale``.
@@ -107,30 +117,33 @@ class _Plan:
         s = s.unflatten(3, (self.rep, i1 - i0))  # (B, Hkv, 2, rep, bq, kl)
         dead = None
         m = self.mask.tensor
-        off = self.lk - self.lq
-        c0 = max(k0, i0 + off + 1)  # the first column the causal mask may hide in this block
-        causal_cols = self.mask.causal and c0 < k1
-        if causal_cols:
-            hidden = self.causal_hidden(i1 - i0, c0 - (i0 + off + 1), k1 - c0, s.device)  # (bq, k1 - c0)
+        hidden = self.hidden(i0, i1, k0, k1, s.device)  # (bq, kl) or None
         if m is not None:
             mb = m[:, :, i0:i1, k0:k1]  # (B|1, H|1, bq, kl)
             mb = mb.unflatten(1, (self.hkv, self.rep) if mb.shape[1] > 1 else (1, 1)).unsqueeze(2)
             vis = mb if mb.dtype == torch.bool else mb > float("-inf")  # (B|1, Hkv|1, 1, rep|1, bq, kl)
-            if causal_cols:
-                vis = vis.clone()
-                vis[..., c0 - k0 :] &= ~hidden
+            if hidden is not None:
+                vis = vis & ~hidden
             if mb.dtype == torch.bool:
                 s.masked_fill_(~vis, float("-inf"))
             else:
                 s.add_(mb)
             dead = ~vis.any(dim=-1, keepdim=True)
-        if causal_cols and (m is None or m.dtype != torch.bool):
-            s[..., c0 - k0 :].masked_fill_(hidden, float("-inf"))
+        if hidden is not None:
+            if m is None or m.dtype != torch.bool:
+                # Only the columns some row cannot see: left of the largest lower bound and right of
+                # the smallest upper bound (the causal diagonal, a band's two edges).
+                c_lo = min(max(self._lo_l[i1 - 1], k0), k1) - k0
+                c_hi = max(min(self._hi_l[i0], k1), k0 + c_lo) - k0
+                if c_lo > 0:
+                    s[..., :c_lo].masked_fill_(hidden[:, :c_lo], float("-inf"))
+                if c_hi < k1 - k0:
+                    s[..., c_hi:].masked_fill_(hidden[:, c_hi:], float("-inf"))
+            if m is None and any(lo >= hi for lo, hi in zip(self._lo_l[i0:i1], self._hi_l[i0:i1], strict=True)):
+                dead = hidden.all(dim=-1, keepdim=True)  # (bq, 1): rows that see nothing
         p = torch.softmax(s, dim=-1)
         if dead is not None and bool(dead.any()):
             p.masked_fill_(dead, 0.0)  # rows that see no key: zeros, not NaN
-        if self.mask.causal and i0 < -(self.lk - self.lq):
-            p[..., : min(i1, self.lq - self.lk) - i0, :] = 0.0  # Lq > Lk: the first rows see nothing
         return p
 
 
@@ -182,46 +195,53 @@ def _backward(grad_out, q, k, v, lam, plan: _Plan, scale):
 
 # The strategy is a torch op (schema, fake and autograd formula) so that torch.compile traces
 # through it as one node: its Python block loop depends on the mask's values, which a graph could
-# not hold. A mask is passed as an optional tensor plus the causal flag; block 0 = the default size.
+# not hold. A mask is passed as an optional tensor plus its intervals (causal flag, window, packed
+# boundaries; empty lists when not packed); block 0 = the default size.
+
+
+def _mask(mask, causal, window, cu_q, cu_k, lq, lk) -> AttentionMask:
+    return AttentionMask(mask, causal, lq, lk, (int(window[0]), int(window[1])),
+                         tuple(cu_q) if cu_q else None, tuple(cu_k) if cu_k else None)
 
 
 @torch.library.custom_op("sdpadiff::chunked_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor | None,
-            causal: bool, scale: float, block: int) -> torch.Tensor:
-    plan = _Plan(q, k, AttentionMask(mask, causal, q.shape[2], k.shape[2]), block or None)
+            causal: bool, window: list[int], cu_q: list[int], cu_k: list[int], scale: float,
+            block: int) -> torch.Tensor:
+    plan = _Plan(q, k, _mask(mask, causal, window, cu_q, cu_k, q.shape[2], k.shape[2]), block or None)
     return _forward(q, k, v, lam, plan, scale)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, lam, mask, causal, scale, block):
+def _(q, k, v, lam, mask, causal, window, cu_q, cu_k, scale, block):
     b, h2, lq, d = q.shape
     return q.new_empty(b, h2 // 2, lq, 2 * d)
 
 
 @torch.library.custom_op("sdpadiff::chunked_bwd", mutates_args=())
 def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
-            mask: torch.Tensor | None, causal: bool, scale: float,
-            block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = _Plan(q, k, AttentionMask(mask, causal, q.shape[2], k.shape[2]), block or None)
+            mask: torch.Tensor | None, causal: bool, window: list[int], cu_q: list[int], cu_k: list[int],
+            scale: float, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    plan = _Plan(q, k, _mask(mask, causal, window, cu_q, cu_k, q.shape[2], k.shape[2]), block or None)
     return _backward(grad_out, q, k, v, lam, plan, scale)
 
 
 @_bwd_op.register_fake
-def _(grad_out, q, k, v, lam, mask, causal, scale, block):
+def _(grad_out, q, k, v, lam, mask, causal, window, cu_q, cu_k, scale, block):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lam)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, lam, mask, causal, scale, block = inputs
+    q, k, v, lam, mask, *args = inputs
     ctx.save_for_backward(q, k, v, lam, *(() if mask is None else (mask,)))
-    ctx.has_mask, ctx.args = mask is not None, (causal, scale, block)
+    ctx.has_mask, ctx.args = mask is not None, tuple(args)
 
 
 def _autograd_backward(ctx, grad_out):
     q, k, v, lam, *rest = ctx.saved_tensors
     mask = rest[0] if ctx.has_mask else None
     dq, dk, dv, dlam = torch.ops.sdpadiff.chunked_bwd(grad_out, q, k, v, lam, mask, *ctx.args)
-    return dq, dk, dv, dlam, None, None, None, None
+    return dq, dk, dv, dlam, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("sdpadiff::chunked_fwd", _autograd_backward, setup_context=_setup_context)
@@ -229,4 +249,6 @@ torch.library.register_autograd("sdpadiff::chunked_fwd", _autograd_backward, set
 
 def chunked(q, k, v, lam, mask: AttentionMask, scale: float, block: int | None = None) -> torch.Tensor:
     """Exact differential attention one query block at a time; see the module docstring."""
-    return torch.ops.sdpadiff.chunked_fwd(q, k, v, lam, mask.tensor, mask.causal, float(scale), int(block or 0))
+    return torch.ops.sdpadiff.chunked_fwd(q, k, v, lam, mask.tensor, mask.causal, list(mask.window),
+                                          list(mask.cu_q or ()), list(mask.cu_k or ()), float(scale),
+                                          int(block or 0))

@@ -194,16 +194,12 @@ torch.library.register_autograd("sdpadiff::cpu_fused_fwd", _backward, setup_cont
 def row_intervals(mask: AttentionMask, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query row, the keys ``[lo, hi)`` it may see: int32 ``(1 | B, Lq)`` each.
 
-    From the bottom-right causal mask (row ``i`` sees keys ``t <= i + Lk - Lq``) and the dense
-    mask's first and last visible key over all heads. A row that sees nothing gets ``lo == hi``.
-    The kernel still applies the dense mask inside the interval.
+    From :meth:`AttentionMask.row_bounds` (bottom-right causal, window, packed sequences) and the
+    dense mask's first and last visible key over all heads. A row that sees nothing gets
+    ``lo == hi``. The kernel still applies the dense mask inside the interval.
     """
     lq, lk = mask.lq, mask.lk
-    lo = torch.zeros(1, lq, dtype=torch.int32, device=device)
-    if mask.causal:
-        hi = (torch.arange(lq, dtype=torch.int32, device=device) + (lk - lq + 1)).clamp(0, lk).unsqueeze(0)
-    else:
-        hi = torch.full((1, lq), lk, dtype=torch.int32, device=device)
+    lo, hi = (t.to(torch.int32).unsqueeze(0) for t in mask.row_bounds(device))  # (1, Lq)
     m = mask.tensor
     if m is not None:
         rows_shared = m.stride(2) == 0 and lq > 1  # a key-padding mask expanded over the queries

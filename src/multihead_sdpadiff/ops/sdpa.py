@@ -10,6 +10,11 @@ q (``sdpa_2pass``, ``sdpa_paired``) would fall to the O(N^2) math kernel on CPU;
 and k with zeros to v's width and pass the original scale, which leaves the scores unchanged and
 keeps the flash kernel (at twice the QK^T work). On CUDA they run unpadded: the efficient and
 cuDNN kernels accept a wider v.
+
+A window is folded into the one mask each call builds (:meth:`AttentionMask.sdpa_args`). Packed
+sequences run as one call per sequence (:func:`per_sequence`): each sequence's own mask is small
+and SDPA does only the pairs of that sequence, where one block-diagonal mask over the packed row
+would cost O(total_q * total_k) memory and compute.
 """
 
 from __future__ import annotations
@@ -18,6 +23,32 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import AttentionMask
+
+
+def per_sequence(fn, q, k, v, lam, mask: AttentionMask, scale: float, *, lam_per_row: bool = False,
+                 out_heads: int | None = None):
+    """Run ``fn(q, k, v, lam, mask, scale)`` once per packed sequence and concatenate along the rows.
+
+    Unpacked masks call ``fn`` once, unchanged. ``lam_per_row``: ``lam`` is ``(B, H, Lq)`` (V2)
+    and is sliced with the rows; otherwise it is per head and shared. A sequence without keys
+    gives zeros; one without queries gives nothing. ``out_heads``: the output's head count
+    (default ``q.shape[1] // 2``, the differential heads).
+    """
+    if not mask.is_packed:
+        return fn(q, k, v, lam, mask, scale)
+    heads = q.shape[1] // 2 if out_heads is None else out_heads
+    outs = []
+    for q0, q1, k0, k1 in mask.sequences():
+        if q1 == q0:
+            continue
+        if k1 == k0:
+            outs.append(q.new_zeros(q.shape[0], heads, q1 - q0, v.shape[-1]))
+            continue
+        lam_s = lam[:, :, q0:q1] if lam_per_row else lam
+        outs.append(fn(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], lam_s, mask.sequence(q0, q1, k0, k1), scale))
+    if not outs:
+        return q.new_zeros(q.shape[0], heads, 0, v.shape[-1])
+    return torch.cat(outs, dim=2)  # (B, H, total_q, width)
 
 
 def _sdpa(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:

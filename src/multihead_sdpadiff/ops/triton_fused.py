@@ -229,7 +229,35 @@ def _mask_args(attn_mask, q, B, H, Lq, Lk):
     return m, tuple(m.stride()), True, is_bool
 
 
-def _forward(q, k, v, lam, attn_mask, is_causal, scale, store_aux):
+def default_row_bounds(lq: int, lk: int, is_causal: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` of the bottom-right causal mask (or every key), int32 ``(Lq,)``."""
+    p = torch.arange(lq, device=device, dtype=torch.int64) + (lk - lq)
+    hi = (p + 1).clamp(0, lk) if is_causal else torch.full_like(p, lk)
+    return torch.zeros_like(p).to(torch.int32), hi.to(torch.int32)
+
+
+def _kv_tile_table(lo, hi, lq, lk, block_m, block_n) -> torch.Tensor:
+    """Per key tile, the query tile starts ``(m_begin, m_fs, m_fe, m_end)`` (see the dk/dv kernel).
+
+    Rows ``[jstart, jend)`` may see a key of tile ``[n0, n0 + BLOCK_N)``; rows in ``[A, Bq)`` see all
+    of them (bounds are non-decreasing, so both sets are contiguous and found by binary search).
+    """
+    lo, hi = lo.to(torch.int64), hi.to(torch.int64)
+    n0 = torch.arange(0, lk, block_n, device=lo.device, dtype=torch.int64)
+    n1 = (n0 + block_n).clamp(max=lk)
+    jstart = torch.searchsorted(hi, n0, right=True)   # first row with hi > n0
+    jend = torch.searchsorted(lo, n1, right=False)    # first row with lo >= n1
+    first_full = torch.searchsorted(hi, n0 + block_n, right=False)  # first row with hi >= n0 + BLOCK_N
+    last_full = torch.searchsorted(lo, n0, right=True)  # first row with lo > n0
+    begin = jstart // block_m * block_m
+    end = torch.maximum((jend + block_m - 1) // block_m * block_m, begin)
+    fs = torch.minimum(torch.maximum((first_full + block_m - 1) // block_m * block_m, begin), end)
+    fe = torch.minimum(torch.maximum(last_full // block_m * block_m, fs), end)
+    fe = torch.where(n0 + block_n > lk, fs, fe)  # a tile that crosses the end is never full
+    return torch.stack((begin, fs, fe, end), dim=1).to(torch.int32).contiguous()  # (n_tiles, 4)
+
+
+def _forward(q, k, v, lam, attn_mask, bounds, scale, store_aux):
     B, H2, Lq, d = q.shape
     Hk2, Lk = k.shape[1], k.shape[2]
     H, Hkv = H2 // 2, Hk2 // 2
@@ -253,14 +281,15 @@ def _forward(q, k, v, lam, attn_mask, is_causal, scale, store_aux):
     mask, ms, has_mask, mask_bool = _mask_args(attn_mask, q, B, H, Lq, Lk)
     cfg = _config("fwd", d, q.dtype)
     grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+    lo, hi = bounds
     K.diff_attn_fwd_kernel[grid](
-        q, k, v, lam, mask, out,
+        q, k, v, lam, mask, lo, hi, out,
         o2 if store_aux else out, lse if store_aux else out,
         *q.stride(), *k.stride(), *v.stride(), *ms,
         H, H // Hkv, Lq, Lk,
         c["qk"][0], c["qk"][1], c["mask_scale"],
         D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        HAS_MASK=has_mask, MASK_BOOL=mask_bool, IS_CAUSAL=bool(is_causal),
+        HAS_MASK=has_mask, MASK_BOOL=mask_bool,
         STORE_AUX=bool(store_aux), EXP2=c["EXP2"], ACC=c["ACC"], DOT_PREC=c["DOT_PREC"],
         UPCAST=c["UPCAST"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -268,7 +297,7 @@ def _forward(q, k, v, lam, attn_mask, is_causal, scale, store_aux):
     return out, o2, lse
 
 
-def _backward(dout, q, k, v, lam, attn_mask, is_causal, scale, out, o2, lse,
+def _backward(dout, q, k, v, lam, attn_mask, bounds, scale, out, o2, lse,
               need_q, need_kv, need_lam):
     B, H2, Lq, d = q.shape
     Hk2, Lk = k.shape[1], k.shape[2]
@@ -286,7 +315,8 @@ def _backward(dout, q, k, v, lam, attn_mask, is_causal, scale, out, o2, lse,
     K = _kernels()
     c = _common_consts(q, scale)
     mask, ms, has_mask, mask_bool = _mask_args(attn_mask, q, B, H, Lq, Lk)
-    common = dict(D=d, HAS_MASK=has_mask, MASK_BOOL=mask_bool, IS_CAUSAL=bool(is_causal),
+    lo, hi = bounds
+    common = dict(D=d, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
                   EXP2=c["EXP2"], ACC=c["ACC"], DOT_PREC=c["DOT_PREC"], UPCAST=c["UPCAST"])
 
     # Row terms D1, D2 (see the kernel's docstring).
@@ -306,8 +336,9 @@ def _backward(dout, q, k, v, lam, attn_mask, is_causal, scale, out, o2, lse,
     if need_kv:
         cfg = _config("bwd_kv", d, q.dtype)
         grid = (triton.cdiv(Lk, cfg["BLOCK_N"]), B * Hkv)
+        table = _kv_tile_table(lo, hi, Lq, Lk, cfg["BLOCK_M"], cfg["BLOCK_N"])
         K.diff_attn_bwd_kv_kernel[grid](
-            q, k, v, lam, mask, dout, lse, delta, dk, dv,
+            q, k, v, lam, mask, lo, hi, table, dout, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *ms, *dout.stride(),
             H, Hkv, H // Hkv, Lq, Lk, *scalars,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
@@ -317,7 +348,7 @@ def _backward(dout, q, k, v, lam, attn_mask, is_causal, scale, out, o2, lse,
         cfg = _config("bwd_q", d, q.dtype)
         grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
         K.diff_attn_bwd_q_kernel[grid](
-            q, k, v, lam, mask, dout, lse, delta, dq,
+            q, k, v, lam, mask, lo, hi, dout, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *ms, *dout.stride(),
             H, H // Hkv, Lq, Lk, *scalars,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
@@ -328,31 +359,34 @@ def _backward(dout, q, k, v, lam, attn_mask, is_causal, scale, out, o2, lse,
 
 class _DiffAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lam, attn_mask, is_causal, scale):
-        out, o2, lse = _forward(q, k, v, lam, attn_mask, is_causal, scale, store_aux=True)
-        ctx.save_for_backward(q, k, v, lam, attn_mask, out, o2, lse)
-        ctx.is_causal = is_causal
+    def forward(ctx, q, k, v, lam, attn_mask, lo, hi, scale):
+        out, o2, lse = _forward(q, k, v, lam, attn_mask, (lo, hi), scale, store_aux=True)
+        ctx.save_for_backward(q, k, v, lam, attn_mask, lo, hi, out, o2, lse)
         ctx.scale = scale
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        q, k, v, lam, attn_mask, out, o2, lse = ctx.saved_tensors
+        q, k, v, lam, attn_mask, lo, hi, out, o2, lse = ctx.saved_tensors
         need_q, need_k, need_v, need_lam = ctx.needs_input_grad[:4]
         dq, dk, dv, dlam = _backward(
-            dout, q, k, v, lam, attn_mask, ctx.is_causal, ctx.scale, out, o2, lse,
+            dout, q, k, v, lam, attn_mask, (lo, hi), ctx.scale, out, o2, lse,
             need_q, need_k or need_v, need_lam)
-        return dq, (dk if need_k else None), (dv if need_v else None), dlam, None, None, None
+        return dq, (dk if need_k else None), (dv if need_v else None), dlam, None, None, None, None
 
 
-def triton_diff_attention(q, k, v, lam, attn_mask, is_causal, scale) -> torch.Tensor:
+def triton_diff_attention(q, k, v, lam, attn_mask, is_causal, scale, *, row_bounds=None) -> torch.Tensor:
     """Differential attention with the fused Triton kernels.
 
     q: (B, 2H, Lq, d), k: (B, 2Hkv, Lk, d), v: (B, Hkv, Lk, 2d), lam: (H,),
     attn_mask: None, bool (True = may attend) or additive float mask
     broadcastable to (B, H, Lq, Lk); is_causal: bottom-right aligned causal
     mask (in addition to attn_mask); scale: softmax scale.
+    row_bounds: optional ``(lo, hi)`` integer ``(Lq,)`` tensors, non-decreasing:
+    query j sees keys ``lo[j] <= t < hi[j]`` (causal, window and packed
+    sequences, see ``AttentionMask.row_bounds``); they replace ``is_causal``.
+    Key tiles outside every row's interval are skipped.
     Returns (B, H, Lq, 2d) in q's dtype.  Rows that see no key give zeros.
     Call ``triton_not_supported_reasons`` first; this function assumes support.
     """
@@ -366,7 +400,12 @@ def triton_diff_attention(q, k, v, lam, attn_mask, is_causal, scale) -> torch.Te
         attn_mask = attn_mask.detach()
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, lam))
+    Lq, Lk = q.shape[2], k.shape[2]
+    if row_bounds is None:
+        lo, hi = default_row_bounds(Lq, Lk, is_causal, q.device)
+    else:
+        lo, hi = (t.to(device=q.device, dtype=torch.int32).contiguous() for t in row_bounds)
     if not needs_grad:
-        out, _, _ = _forward(q, k, v, lam, attn_mask, is_causal, scale, store_aux=False)
+        out, _, _ = _forward(q, k, v, lam, attn_mask, (lo, hi), scale, store_aux=False)
         return out
-    return _DiffAttentionFn.apply(q, k, v, lam, attn_mask, is_causal, scale)
+    return _DiffAttentionFn.apply(q, k, v, lam, attn_mask, lo, hi, scale)

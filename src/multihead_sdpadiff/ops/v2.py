@@ -22,9 +22,9 @@ from ..masks import AttentionMask, prepare_mask
 from .reference import diff_attention_maps
 from .registry import FLOAT_DTYPES as _FLOAT
 from .registry import AutoRule, OpInputs, Registry, Strategy, check_lam_tensor, check_qkv, check_scale
-from .sdpa import _sdpa
+from .sdpa import _sdpa, per_sequence
 
-__all__ = ["IMPLS_V2", "REGISTRY_V2", "diff_attention_v2"]
+__all__ = ["IMPLS_V2", "REGISTRY_V2", "diff_attention_v2", "diff_attention_v2_varlen"]
 
 def _combine(o1: torch.Tensor, o2: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """``o1 − lam · o2`` with ``lam`` ``(B, H, Lq)`` per query row, in ``lam``'s precision."""
@@ -42,7 +42,11 @@ def reference_v2(q, k, v, lam, mask: AttentionMask, scale: float) -> torch.Tenso
 
 
 def sdpa_v2(q, k, v, lam, mask: AttentionMask, scale: float) -> torch.Tensor:
-    """One SDPA call over the 2H maps with GQA, then the per-token difference (the authors' code)."""
+    """One SDPA call over the 2H maps with GQA, then the per-token difference (the authors' code).
+
+    Packed sequences: one call per sequence (see :func:`.sdpa.per_sequence`)."""
+    if mask.is_packed:
+        return per_sequence(sdpa_v2, q, k, v, lam, mask, scale, lam_per_row=True)
     m = mask.tensor
     if m is not None and m.shape[1] != 1:
         # The mask is per output head; maps 2i and 2i+1 both take head i's rows.
@@ -70,7 +74,7 @@ IMPLS_V2: tuple[str, ...] = REGISTRY_V2.names()
 REGISTRY_V2.rules = (AutoRule("sdpa", "one SDPA call with GQA: flash on CPU, the fused kernels on CUDA"),)
 
 
-def _prepare(q, k, v, lam, attn_mask, is_causal, scale) -> OpInputs:
+def _prepare(q, k, v, lam, attn_mask, is_causal, scale, window=None, cu=None) -> OpInputs:
     check_qkv(q, k, v)
     b, h2, lq, d = q.shape
     h, hkv, lk = h2 // 2, k.shape[1], k.shape[2]
@@ -100,7 +104,9 @@ def _prepare(q, k, v, lam, attn_mask, is_causal, scale) -> OpInputs:
         lam = torch.full((1, 1, 1), float(lam), device=q.device, dtype=work).expand(b, h, lq)
 
     scale = check_scale(scale, d)
-    mask = prepare_mask(attn_mask, is_causal=is_causal, batch=b, heads=h, lq=lq, lk=lk, dtype=q.dtype, device=q.device)
+    cu_q, cu_k = cu if cu is not None else (None, None)
+    mask = prepare_mask(attn_mask, is_causal=is_causal, batch=b, heads=h, lq=lq, lk=lk, dtype=q.dtype, device=q.device,
+                        window=window, cu_q=cu_q, cu_k=cu_k)
     return OpInputs(q, k, v, lam, mask, scale)
 
 
@@ -112,6 +118,7 @@ def diff_attention_v2(
     *,
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
+    window: tuple[int, int] | None = None,
     scale: float | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
@@ -135,6 +142,9 @@ def diff_attention_v2(
                 Lq = 2, Lk = 5:  1 1 1 1 0
                                  1 1 1 1 1
 
+        window: ``(left, right)``, flash-attn's ``window_size`` (``-1`` unbounded, ``None`` =
+            ``(-1, -1)``), aligned bottom-right: query ``j`` at ``p = j + Lk - Lq`` sees key ``t``
+            iff ``p - left <= t <= p + right``. Combines with ``is_causal`` and ``attn_mask``.
         scale: score scale, default ``d ** -0.5``.
         impl: a name from :data:`IMPLS_V2`; ``"auto"`` picks ``"sdpa"``. A named strategy that
             cannot run the inputs raises a ValueError with its reasons; nothing falls back.
@@ -144,6 +154,46 @@ def diff_attention_v2(
     Returns:
         ``(B, H, Lq, d)`` in q's dtype.
     """
-    inputs = _prepare(q, k, v, lam, attn_mask, is_causal, scale)
+    inputs = _prepare(q, k, v, lam, attn_mask, is_causal, scale, window)
     strategy, _ = REGISTRY_V2.resolve(impl, inputs)
     return strategy(inputs)
+
+
+def diff_attention_v2_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lam: float | torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    is_causal: bool = False,
+    window: tuple[int, int] | None = None,
+    scale: float | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """:func:`diff_attention_v2` over packed sequences, in flash-attn's varlen layout.
+
+    Args:
+        q: ``(total_q, 2H, d)``; k and v: ``(total_k, Hkv, d)``.
+        lam: a float, a 0-dim tensor, an ``(H,)`` tensor or a ``(total_q, H)`` tensor (per token).
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, window, scale, impl:
+            as for :func:`~multihead_sdpadiff.diff_attention_varlen` (causal and window aligned
+            bottom-right per sequence; a query sees only its own sequence's keys).
+
+    Returns:
+        ``(total_q, H, d)`` in q's dtype.
+    """
+    from . import varlen_inputs
+
+    (q4, k4, v4), cu = varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if isinstance(lam, torch.Tensor) and lam.dim() == 2:
+        if tuple(lam.shape) != (q.shape[0], q.shape[1] // 2):
+            raise ValueError(f"lam must have shape (), (H,) or (total_q, H)={(q.shape[0], q.shape[1] // 2)}, "
+                             f"got {tuple(lam.shape)}")
+        lam = lam.transpose(0, 1).unsqueeze(0)  # (1, H, total_q)
+    inputs = _prepare(q4, k4, v4, lam, None, is_causal, scale, window, cu)
+    strategy, _ = REGISTRY_V2.resolve(impl, inputs)
+    return strategy(inputs)[0].transpose(0, 1)  # (total_q, H, d)
