@@ -90,9 +90,9 @@ _TOOLCHAIN: list[str] | None = _toolchain_reasons()
 
 def not_supported_reasons() -> list[str]:
     """Why the kernel cannot be built or loaded here (empty when it can). Never compiles."""
+    # Reads only state that is fixed after import (or set once by a failed build): a compiled
+    # graph guards on what this reads, and loading the kernel must not invalidate it.
     global _TOOLCHAIN
-    if _module is not None:
-        return []
     if _build_error is not None:
         return [f"the cpu_fused kernel failed to build: {_build_error}"]
     if _TOOLCHAIN is None:
