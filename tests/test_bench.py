@@ -170,3 +170,17 @@ def test_structured_bench_checks_and_times_window_and_docs(tmp_path):
     assert rows["flex"]["status"] == "unavailable"
     assert rows["diff_dense"]["ratio_to_diff_dense"] == 1.0
     assert (tmp_path / "results.json").exists() and "diff_dense" in format_structured(doc)
+
+
+def test_load_compare_and_busy_core():
+    from multihead_sdpadiff.bench.load import busy_core, compare
+
+    def doc(r):
+        return {"results": [{"mode": "fwd", "seq_len": 64, "method": "standard", "ratio": 1.0},
+                            {"mode": "fwd", "seq_len": 64, "method": "cpu_fused", "ratio": r}]}
+
+    table = compare(doc(0.9), doc(1.8))
+    assert "cpu_fused" in table and "2.00" in table
+    with busy_core(0) as proc:
+        assert proc.poll() is None  # spinning while the block runs
+    assert proc.poll() is not None  # and gone after it

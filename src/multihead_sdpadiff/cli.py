@@ -1,4 +1,4 @@
-"""The ``sdpadiff`` command line: ``sdpadiff check``, ``sdpadiff bench`` and ``sdpadiff demo``."""
+"""The ``sdpadiff`` command line: ``sdpadiff check``, ``sdpadiff bench``, ``sdpadiff build`` and ``sdpadiff demo``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,27 @@ def _bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def _build(argv: list[str]) -> int:
+    from .ops import cpu_fused
+
+    p = argparse.ArgumentParser(prog="sdpadiff build", description=(
+        "Compile the cpu_fused C++ kernel now (it is otherwise compiled on first use) and print where "
+        "the library lives. Cached across processes in torch's extension folder (TORCH_EXTENSIONS_DIR)."))
+    p.parse_args(argv)
+    reasons = cpu_fused.not_supported_reasons()
+    if reasons:
+        print("cpu_fused cannot be built here: " + "; ".join(reasons), file=sys.stderr)
+        return 1
+    try:
+        path = cpu_fused.build()
+    except RuntimeError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    tag, _ = cpu_fused.capability_flags()
+    print(f"cpu_fused kernel ({tag}, torch {torch.__version__}): {path}")
+    return 0
+
+
 def _demo(argv: list[str]) -> int:
     from .demo.cli import main as demo_main  # imported lazily: it trains models and draws figures
 
@@ -50,6 +71,7 @@ COMMANDS = {
     "check": (_check, "run every strategy against the float64 reference on this device; print the errors"),
     "bench": (_bench, "time every strategy against standard attention of the same width; "
                       "write results.json and plots"),
+    "build": (_build, "compile the cpu_fused C++ kernel now (otherwise compiled on first use); print its path"),
     "demo": (_demo, "train standard, diff and diff_v2 models on a noisy recall task; write report.md"),
 }
 

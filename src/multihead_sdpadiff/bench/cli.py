@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--check-len", type=int, default=64, help="sequence length of the correctness check")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-plot", action="store_true", help="write results.json only")
+    g.add_argument("--load", action="store_true",
+                   help="run the sweep twice: as usual, then with another process spinning on core 0; writes "
+                        "results-load.json beside results.json and prints each ratio to standard without and "
+                        "with the load")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -217,6 +221,21 @@ def main(argv: list[str]) -> int:
                     progress=not args.no_progress)
     print(format_report(doc))
     print(f"results: {results}")
+    if args.load and not doc["interrupted"]:
+        from .load import busy_core, compare
+
+        loaded_path = out_dir / "results-load.json"
+        print("sdpadiff bench --load: the same sweep with another process spinning on core 0", flush=True)
+        with busy_core(0):
+            loaded = run_sweep(cfg, methods, results_path=loaded_path,
+                               command_line="sdpadiff bench " + shlex.join(argv) + "  [under load]",
+                               progress=not args.no_progress)
+        print(format_report(loaded))
+        print(f"results under load: {loaded_path}")
+        print("\nratio to standard without and with one core busy:")
+        print(compare(doc, loaded))
+        doc = {**doc, "interrupted": loaded["interrupted"],
+               "results": doc["results"] + [r for r in loaded["results"] if r["status"] == "wrong"]}
     if not args.no_plot:
         try:
             _plot(doc, out_dir)

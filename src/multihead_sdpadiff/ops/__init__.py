@@ -8,6 +8,7 @@ import torch
 
 from ..masks import check_cu_seqlens, prepare_mask
 from . import chunked as _chunked
+from . import cpu_fused as _cpu_fused
 from . import reference as _reference
 from . import sdpa as _sdpa
 from . import triton_fused as _triton_fused
@@ -62,9 +63,22 @@ def _mask_needs_no_grad(inputs: OpInputs) -> list[str]:
 
 register(Strategy("chunked", _chunked.chunked,
                   "exact, one query block at a time: both softmaxes, A1 - lam*A2, one product with v",
-                  flops=1.0, score_memory="O(block*N)", dtypes=_FLOAT, compilable=False,
+                  flops=1.0, score_memory="O(block*N)", dtypes=_FLOAT,
                   check=_mask_needs_no_grad,
                   notes="Block size: SDPADIFF_CHUNK rows if set, else ~2M score elements per map."))
+
+
+def _cpu_fused_reasons(inputs: OpInputs) -> list[str]:
+    return _mask_needs_no_grad(inputs) + _cpu_fused.not_supported_reasons()
+
+
+register(Strategy("cpu_fused", _cpu_fused.cpu_fused,
+                  "fused C++ CPU kernel: both maps' scores by GEMM per key tile, A1 - lam*A2 per tile, "
+                  "one product with v; recomputing backward",
+                  flops=1.0, score_memory="O(block*N)", devices=frozenset({"cpu"}), dtypes=_cpu_fused.DTYPES,
+                  check=_cpu_fused_reasons,
+                  notes="Compiled on first use with torch.utils.cpp_extension (C++ compiler and ninja needed; "
+                        "`sdpadiff build` compiles ahead of time). float64 stays on chunked."))
 
 
 def _run_triton(q, k, v, lam, mask, scale):
@@ -83,15 +97,20 @@ register(Strategy("triton", _run_triton,
 #: Names accepted by ``impl=``: every registered strategy, plus ``"auto"``.
 IMPLS: tuple[str, ...] = REGISTRY.names()
 
-# Measured with `sdpadiff bench` and recorded in docs/benchmarks.md. On CPU, chunked costs the
-# FLOPs of standard attention and beats every SDPA strategy for prefill and training; for a
-# decode step the four width-d SDPA calls are as fast and need no Python loop. On CUDA the SDPA
+# Measured with `sdpadiff bench` and recorded in docs/benchmarks.md. On CPU, cpu_fused costs the
+# FLOPs of standard attention in one compiled kernel (prefill, training and decode, also under
+# torch.compile); chunked is the same math in PyTorch ops (float64, or no C++ compiler). For a
+# decode step without cpu_fused the four width-d SDPA calls need no Python loop. On CUDA the SDPA
 # strategies stay on fused kernels; sdpa_2pass has the fewest FLOPs of them (not yet measured here).
 REGISTRY.rules = AUTO_RULES = (
-    AutoRule("sdpa_4pass", "CPU decode step (Lq <= 16): flash SDPA calls, no block loop", device="cpu", max_lq=16),
-    AutoRule("chunked", "CPU: exact at the FLOPs of standard attention, fastest measured", device="cpu"),
-    AutoRule("sdpa_4pass", "CPU where chunked refuses (under torch.compile, or a mask that needs a gradient): "
-             "flash SDPA calls", device="cpu"),
+    AutoRule("cpu_fused", "CPU: fused C++ kernel at the FLOPs of standard attention, fastest measured",
+             device="cpu"),
+    AutoRule("sdpa_4pass", "CPU decode step (Lq <= 16) without cpu_fused: flash SDPA calls, no block loop",
+             device="cpu", max_lq=16),
+    AutoRule("chunked", "CPU without cpu_fused (float64, no C++ compiler): exact at the FLOPs of standard "
+             "attention", device="cpu"),
+    AutoRule("sdpa_4pass", "CPU where chunked refuses (a mask that needs a gradient): flash SDPA calls",
+             device="cpu"),
     AutoRule("triton", "CUDA: one fused kernel at 1.5x FLOPs, O(N) memory", device="cuda"),
     AutoRule("sdpa_2pass", "CUDA without triton: 1.5x FLOPs on fused SDPA kernels, O(N) memory", device="cuda"),
     AutoRule("chunked", "other devices: plain matmul and softmax, O(block * N) memory"),

@@ -14,8 +14,10 @@ SDPA strategies, with O(block · Lk) score memory instead of the reference's O(L
   cross a packed sequence's boundary, and are sized by the keys a row sees.
 * GQA without copies: the ``rep = H / Hkv`` heads of a group are stacked along the query rows of
   the block, so one batched matmul per group reads the compact k and v in place.
-* Backward: a ``torch.autograd.Function`` that recomputes each block's maps (as FlashAttention
-  recomputes its tiles), so training memory stays O(block · Lk) too.
+* Backward: recomputes each block's maps (as FlashAttention recomputes its tiles), so training
+  memory stays O(block · Lk) too.
+* A torch op (``sdpadiff::chunked_fwd`` / ``chunked_bwd`` with fake implementations and an
+  autograd formula), so ``torch.compile(fullgraph=True)`` keeps it as one node.
 """
 
 from __future__ import annotations
@@ -158,49 +160,95 @@ def _forward(q, k, v, lam, plan: _Plan, scale):
     return out.flatten(1, 2)  # (B, H, Lq, 2d)
 
 
-class _ChunkedDiffAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, lam, mask, scale, block):
-        plan = _Plan(q, k, mask, block)
-        ctx.save_for_backward(q, k, v, lam)
-        ctx.plan, ctx.scale = plan, scale
-        return _forward(q, k, v, lam, plan, scale)
+def _backward(grad_out, q, k, v, lam, plan: _Plan, scale):
+    """Gradients of q, k, v and λ, recomputing each block's maps."""
+    work = plan.work
+    dq = torch.zeros_like(q, dtype=work)
+    dk = torch.zeros_like(k, dtype=work)
+    dv = torch.zeros_like(v, dtype=work)
+    dlam = torch.zeros(plan.hkv, plan.rep, dtype=work, device=q.device)
+    lam_w = lam.to(work).view(1, plan.hkv, plan.rep, 1, 1)
+    go = grad_out.unflatten(1, (plan.hkv, plan.rep))  # (B, Hkv, rep, Lq, 2d)
+    for i0, i1, k0, k1 in plan.blocks:
+        if k1 <= k0:
+            continue
+        bq = i1 - i0
+        p = plan.probs(q, k, i0, i1, k0, k1, scale)  # (B, Hkv, 2, rep, bq, kl)
+        p1, p2 = p[:, :, 0], p[:, :, 1]  # (B, Hkv, rep, bq, kl)
+        dob = go[:, :, :, i0:i1].to(work).flatten(2, 3)  # (B, Hkv, rep*bq, 2d)
+        vb = v[:, :, k0:k1].to(work)  # (B, Hkv, kl, 2d)
+        a = p1 - lam_w * p2
+        dv[:, :, k0:k1] += torch.matmul(a.flatten(2, 3).transpose(-1, -2), dob)
+        da = torch.matmul(dob, vb.transpose(-1, -2)).unflatten(2, (plan.rep, bq))  # dA, (B, Hkv, rep, bq, kl)
+        r1 = (da * p1).sum(-1, keepdim=True)
+        r2 = (da * p2).sum(-1, keepdim=True)
+        dlam -= r2.sum(dim=(0, 3, 4)).view(plan.hkv, plan.rep)
+        ds = torch.stack((p1 * (da - r1), p2 * (da - r2) * -lam_w), dim=2)  # (B, Hkv, 2, rep, bq, kl)
+        ds = ds.mul_(scale).flatten(3, 4)  # (B, Hkv, 2, rep*bq, kl)
+        kb = k[:, :, k0:k1].to(work).unflatten(1, (plan.hkv, 2))  # (B, Hkv, 2, kl, d)
+        dqb = torch.matmul(ds, kb)  # (B, Hkv, 2, rep*bq, d)
+        dq[:, :, i0:i1] = dqb.unflatten(3, (plan.rep, bq)).transpose(2, 3).flatten(1, 3)
+        dkb = torch.matmul(ds.transpose(-1, -2), plan.q_block(q, i0, i1))  # (B, Hkv, 2, kl, d)
+        dk[:, :, k0:k1] += dkb.flatten(1, 2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlam.flatten().to(lam.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, lam = ctx.saved_tensors
-        plan, scale = ctx.plan, ctx.scale
-        work = plan.work
-        dq = torch.zeros_like(q, dtype=work)
-        dk = torch.zeros_like(k, dtype=work)
-        dv = torch.zeros_like(v, dtype=work)
-        dlam = torch.zeros(plan.hkv, plan.rep, dtype=work, device=q.device)
-        lam_w = lam.to(work).view(1, plan.hkv, plan.rep, 1, 1)
-        go = grad_out.unflatten(1, (plan.hkv, plan.rep))  # (B, Hkv, rep, Lq, 2d)
-        for i0, i1, k0, k1 in plan.blocks:
-            if k1 <= k0:
-                continue
-            bq = i1 - i0
-            p = plan.probs(q, k, i0, i1, k0, k1, scale)  # (B, Hkv, 2, rep, bq, kl)
-            p1, p2 = p[:, :, 0], p[:, :, 1]  # (B, Hkv, rep, bq, kl)
-            dob = go[:, :, :, i0:i1].to(work).flatten(2, 3)  # (B, Hkv, rep*bq, 2d)
-            vb = v[:, :, k0:k1].to(work)  # (B, Hkv, kl, 2d)
-            a = p1 - lam_w * p2
-            dv[:, :, k0:k1] += torch.matmul(a.flatten(2, 3).transpose(-1, -2), dob)
-            da = torch.matmul(dob, vb.transpose(-1, -2)).unflatten(2, (plan.rep, bq))  # dA, (B, Hkv, rep, bq, kl)
-            r1 = (da * p1).sum(-1, keepdim=True)
-            r2 = (da * p2).sum(-1, keepdim=True)
-            dlam -= r2.sum(dim=(0, 3, 4)).view(plan.hkv, plan.rep)
-            ds = torch.stack((p1 * (da - r1), p2 * (da - r2) * -lam_w), dim=2)  # (B, Hkv, 2, rep, bq, kl)
-            ds = ds.mul_(scale).flatten(3, 4)  # (B, Hkv, 2, rep*bq, kl)
-            kb = k[:, :, k0:k1].to(work).unflatten(1, (plan.hkv, 2))  # (B, Hkv, 2, kl, d)
-            dqb = torch.matmul(ds, kb)  # (B, Hkv, 2, rep*bq, d)
-            dq[:, :, i0:i1] = dqb.unflatten(3, (plan.rep, bq)).transpose(2, 3).flatten(1, 3)
-            dkb = torch.matmul(ds.transpose(-1, -2), plan.q_block(q, i0, i1))  # (B, Hkv, 2, kl, d)
-            dk[:, :, k0:k1] += dkb.flatten(1, 2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlam.flatten().to(lam.dtype), None, None, None
+
+# The strategy is a torch op (schema, fake and autograd formula) so that torch.compile traces
+# through it as one node: its Python block loop depends on the mask's values, which a graph could
+# not hold. A mask is passed as an optional tensor plus its intervals (causal flag, window, packed
+# boundaries; empty lists when not packed); block 0 = the default size.
+
+
+def _mask(mask, causal, window, cu_q, cu_k, lq, lk) -> AttentionMask:
+    return AttentionMask(mask, causal, lq, lk, (int(window[0]), int(window[1])),
+                         tuple(cu_q) if cu_q else None, tuple(cu_k) if cu_k else None)
+
+
+@torch.library.custom_op("sdpadiff::chunked_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor | None,
+            causal: bool, window: list[int], cu_q: list[int], cu_k: list[int], scale: float,
+            block: int) -> torch.Tensor:
+    plan = _Plan(q, k, _mask(mask, causal, window, cu_q, cu_k, q.shape[2], k.shape[2]), block or None)
+    return _forward(q, k, v, lam, plan, scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, lam, mask, causal, window, cu_q, cu_k, scale, block):
+    b, h2, lq, d = q.shape
+    return q.new_empty(b, h2 // 2, lq, 2 * d)
+
+
+@torch.library.custom_op("sdpadiff::chunked_bwd", mutates_args=())
+def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
+            mask: torch.Tensor | None, causal: bool, window: list[int], cu_q: list[int], cu_k: list[int],
+            scale: float, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    plan = _Plan(q, k, _mask(mask, causal, window, cu_q, cu_k, q.shape[2], k.shape[2]), block or None)
+    return _backward(grad_out, q, k, v, lam, plan, scale)
+
+
+@_bwd_op.register_fake
+def _(grad_out, q, k, v, lam, mask, causal, window, cu_q, cu_k, scale, block):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lam)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, lam, mask, *args = inputs
+    ctx.save_for_backward(q, k, v, lam, *(() if mask is None else (mask,)))
+    ctx.has_mask, ctx.args = mask is not None, tuple(args)
+
+
+def _autograd_backward(ctx, grad_out):
+    q, k, v, lam, *rest = ctx.saved_tensors
+    mask = rest[0] if ctx.has_mask else None
+    dq, dk, dv, dlam = torch.ops.sdpadiff.chunked_bwd(grad_out, q, k, v, lam, mask, *ctx.args)
+    return dq, dk, dv, dlam, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("sdpadiff::chunked_fwd", _autograd_backward, setup_context=_setup_context)
 
 
 def chunked(q, k, v, lam, mask: AttentionMask, scale: float, block: int | None = None) -> torch.Tensor:
     """Exact differential attention one query block at a time; see the module docstring."""
-    return _ChunkedDiffAttention.apply(q, k, v, lam, mask, scale, block)
+    return torch.ops.sdpadiff.chunked_fwd(q, k, v, lam, mask.tensor, mask.causal, list(mask.window),
+                                          list(mask.cu_q or ()), list(mask.cu_k or ()), float(scale),
+                                          int(block or 0))

@@ -1,0 +1,228 @@
+"""The cpu_fused strategy: a fused C++ kernel for CPU at the FLOPs of standard attention.
+
+The kernel (``csrc/diff_attention_cpu.cpp``, shipped with the package) is compiled on first use
+with :func:`torch.utils.cpp_extension.load` for the CPU's vector ISA (AVX512, AVX2, or the default
+build, which still uses NEON on ARM) and cached across processes in torch's extension folder
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Compiling logs one line.
+Importing this module never compiles; ``sdpadiff build`` compiles ahead of time.
+
+It is registered as two torch ops, ``sdpadiff::cpu_fused_fwd`` and ``sdpadiff::cpu_fused_bwd``,
+with fake (meta) implementations and an autograd formula, so ``torch.compile(fullgraph=True)``
+and ``torch.export`` trace through it.
+
+What it computes: see the C++ file's header. In short, per (batch, kv group, block of up to
+``BLOCK_ROWS`` stacked query rows) and key tiles of ``KEY_TILE`` keys: both maps' scores by GEMM,
+softmax statistics in float32, ``A1 − λ·A2`` formed per tile before one product with v; the
+backward recomputes from the saved row max and sum of each map. float32, bfloat16 and float16 (GEMMs
+accumulate in float32); float64 stays on ``chunked``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+from ..masks import AttentionMask
+
+__all__ = ["DTYPES", "build", "cpu_fused", "library_path", "not_supported_reasons", "row_intervals"]
+
+_log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "diff_attention_cpu.cpp"
+DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+#: Stacked query rows per task (all heads of a GQA group share a block) and keys per tile.
+BLOCK_ROWS = 128
+KEY_TILE = 512
+
+_lock = threading.Lock()
+_module = None
+_build_error: str | None = None
+
+
+def capability_flags(capability: str | None = None) -> tuple[str, list[str]]:
+    """``(tag, compiler flags)`` for the vector ISA torch dispatches to on this CPU.
+
+    at::vec compiles to scalar code unless ``CPU_CAPABILITY_*`` is defined, and the matching
+    ``-m`` flags must allow the intrinsics. Anything else (including ARM, where at::vec's NEON
+    code is keyed on ``__aarch64__``) gets the default build.
+    """
+    cap = (capability or torch.backends.cpu.get_cpu_capability()).upper()
+    if cap.startswith("AVX512"):
+        return "avx512", ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+                          "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+    if cap == "AVX2":
+        return "avx2", ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+    return "default", ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def _name_and_flags() -> tuple[str, list[str]]:
+    tag, flags = capability_flags()
+    digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:10]
+    return f"sdpadiff_cpu_fused_{tag}_{digest}", ["-O3", "-fopenmp", *flags]
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def _toolchain_reasons() -> list[str]:
+    reasons = []
+    if not SOURCE.is_file():
+        reasons.append(f"the kernel source {SOURCE} is missing from the installed package")
+    if _compiler() is None:
+        reasons.append(f"no C++ compiler found ({os.environ.get('CXX', 'c++')!r} is not on PATH); cpu_fused "
+                       "compiles its kernel on first use")
+    if shutil.which("ninja") is None:
+        reasons.append("ninja is not on PATH (pip install ninja); torch.utils.cpp_extension needs it to compile cpu_fused")
+    return reasons
+
+
+# Looked up once, here, because torch.compile cannot trace file-system calls and the dispatcher
+# asks for these reasons inside compiled regions. A few stat calls; nothing is compiled.
+_TOOLCHAIN: list[str] | None = _toolchain_reasons()
+
+
+def not_supported_reasons() -> list[str]:
+    """Why the kernel cannot be built or loaded here (empty when it can). Never compiles."""
+    # Reads only state that is fixed after import (or set once by a failed build): a compiled
+    # graph guards on what this reads, and loading the kernel must not invalidate it.
+    global _TOOLCHAIN
+    if _build_error is not None:
+        return [f"the cpu_fused kernel failed to build: {_build_error}"]
+    if _TOOLCHAIN is None:
+        _TOOLCHAIN = _toolchain_reasons()
+    return list(_TOOLCHAIN)
+
+
+def _load():
+    """The compiled extension, built on first use (cached across processes by torch)."""
+    global _module, _build_error
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is not None:
+            return _module
+        reasons = not_supported_reasons()
+        if reasons:
+            raise RuntimeError("cpu_fused cannot run: " + "; ".join(reasons))
+        from torch.utils import cpp_extension
+
+        name, flags = _name_and_flags()
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        if not (build_dir / f"{name}.so").exists():
+            _log.warning("multihead_sdpadiff: compiling the cpu_fused kernel (%s, once) in %s", name, build_dir)
+        try:
+            _module = cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                         build_directory=str(build_dir), verbose=False)
+        except Exception as exc:  # a broken toolchain: refuse from now on, with the reason
+            _build_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            raise RuntimeError(f"cpu_fused: the kernel failed to build ({_build_error})") from exc
+    return _module
+
+
+def build() -> Path:
+    """Compile (or load the cached) kernel now; returns the path of the shared library."""
+    return library_path(_load())
+
+
+def library_path(module=None) -> Path:
+    module = module or _load()
+    return Path(module.__file__)
+
+
+# ------------------------------------------------------------------------------------------------
+# The torch ops
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sdpadiff::cpu_fused_fwd", mutates_args=(), device_types="cpu")
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, lo: torch.Tensor,
+         hi: torch.Tensor, mask: torch.Tensor | None, scale: float, block_rows: int,
+         key_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _load().fwd(q, k, v, lam, lo, hi, mask, scale, block_rows, key_tile)
+    return out, lse
+
+
+@_fwd.register_fake
+def _(q, k, v, lam, lo, hi, mask, scale, block_rows, key_tile):
+    b, h2, lq, d = q.shape
+    return q.new_empty(b, h2 // 2, lq, 2 * d), q.new_empty(b, h2 // 2, 4, lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("sdpadiff::cpu_fused_bwd", mutates_args=(), device_types="cpu")
+def _bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
+         lo: torch.Tensor, hi: torch.Tensor, mask: torch.Tensor | None, lse: torch.Tensor, scale: float,
+         block_rows: int, key_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dlam = _load().bwd(grad_out, q, k, v, lam, lo, hi, mask, lse, scale, block_rows, key_tile)
+    return dq, dk, dv, dlam
+
+
+@_bwd.register_fake
+def _(grad_out, q, k, v, lam, lo, hi, mask, lse, scale, block_rows, key_tile):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lam)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, lam, lo, hi, mask, scale, block_rows, key_tile = inputs
+    ctx.save_for_backward(q, k, v, lam, lo, hi, output[1], *(() if mask is None else (mask,)))
+    ctx.has_mask = mask is not None
+    ctx.args = (scale, block_rows, key_tile)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, lam, lo, hi, lse, *rest = ctx.saved_tensors
+    mask = rest[0] if ctx.has_mask else None
+    dq, dk, dv, dlam = torch.ops.sdpadiff.cpu_fused_bwd(grad_out.contiguous(), q, k, v, lam, lo, hi, mask, lse,
+                                                        *ctx.args)
+    return dq, dk, dv, dlam, None, None, None, None, None, None
+
+
+torch.library.register_autograd("sdpadiff::cpu_fused_fwd", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# The strategy
+# ------------------------------------------------------------------------------------------------
+
+
+def row_intervals(mask: AttentionMask, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query row, the keys ``[lo, hi)`` it may see: int32 ``(1 | B, Lq)`` each.
+
+    From :meth:`AttentionMask.row_bounds` (bottom-right causal, window, packed sequences) and the
+    dense mask's first and last visible key over all heads. A row that sees nothing gets
+    ``lo == hi``. The kernel still applies the dense mask inside the interval.
+    """
+    lq, lk = mask.lq, mask.lk
+    lo, hi = (t.to(torch.int32).unsqueeze(0) for t in mask.row_bounds(device))  # (1, Lq)
+    m = mask.tensor
+    if m is not None:
+        rows_shared = m.stride(2) == 0 and lq > 1  # a key-padding mask expanded over the queries
+        mm = m[:, :, :1] if rows_shared else m
+        vis = (mm if mm.dtype == torch.bool else mm > float("-inf")).any(dim=1)  # (Bm, Lq | 1, Lk)
+        has = vis.any(dim=-1)
+        first = vis.to(torch.uint8).argmax(dim=-1).to(torch.int32)
+        last = (lk - vis.flip(-1).to(torch.uint8).argmax(dim=-1)).to(torch.int32)  # one past the last
+        if rows_shared:
+            has, first, last = (t.expand(t.shape[0], lq) for t in (has, first, last))
+        lo = torch.maximum(lo, first)
+        hi = torch.where(has, torch.minimum(hi, last), lo)
+        hi = torch.maximum(hi, lo)
+    return lo.contiguous(), hi.contiguous()
+
+
+def cpu_fused(q, k, v, lam, mask: AttentionMask, scale: float) -> torch.Tensor:
+    """Differential attention through the fused CPU kernel; see the module docstring."""
+    lo, hi = row_intervals(mask, q.device)
+    m = mask.tensor
+    if m is not None and m.dtype != torch.bool and m.dtype != torch.float32:
+        m = m.float()  # the kernel adds float32 scores
+    lam = lam.to(torch.float32).contiguous()
+    out, _ = torch.ops.sdpadiff.cpu_fused_fwd(q.contiguous(), k.contiguous(), v.contiguous(), lam, lo, hi, m,
+                                              float(scale), BLOCK_ROWS, KEY_TILE)
+    return out
