@@ -199,7 +199,16 @@ def row_intervals(mask: AttentionMask, device: torch.device) -> tuple[torch.Tens
     ``lo == hi``. The kernel still applies the dense mask inside the interval.
     """
     lq, lk = mask.lq, mask.lk
-    lo, hi = (t.to(torch.int32).unsqueeze(0) for t in mask.row_bounds(device))  # (1, Lq)
+    if mask.is_packed or mask.has_window:
+        lo, hi = (t.to(torch.int32).unsqueeze(0) for t in mask.row_bounds(device))  # (1, Lq)
+    else:
+        # The common case in three small ops (a decode step pays for every op here): lo = 0 and,
+        # under the bottom-right causal mask, hi = j + Lk - Lq + 1 clamped to [0, Lk].
+        lo = torch.zeros(1, lq, dtype=torch.int32, device=device)
+        if mask.causal:
+            hi = torch.arange(lk - lq + 1, lk + 1, dtype=torch.int32, device=device).clamp_(min=0).unsqueeze(0)
+        else:
+            hi = torch.full((1, lq), lk, dtype=torch.int32, device=device)
     m = mask.tensor
     if m is not None:
         rows_shared = m.stride(2) == 0 and lq > 1  # a key-padding mask expanded over the queries
@@ -223,6 +232,11 @@ def cpu_fused(q, k, v, lam, mask: AttentionMask, scale: float) -> torch.Tensor:
     if m is not None and m.dtype != torch.bool and m.dtype != torch.float32:
         m = m.float()  # the kernel adds float32 scores
     lam = lam.to(torch.float32).contiguous()
-    out, _ = torch.ops.sdpadiff.cpu_fused_fwd(q.contiguous(), k.contiguous(), v.contiguous(), lam, lo, hi, m,
-                                              float(scale), BLOCK_ROWS, KEY_TILE)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), lam, lo, hi, m, float(scale), BLOCK_ROWS, KEY_TILE)
+    if not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lam))):
+        # Eager with nothing to differentiate (inference, decoding): call the kernel itself. The
+        # op's dispatcher and autograd wrapper cost tens of microseconds, much of a decode step.
+        return _load().fwd(*args)[0]
+    out, _ = torch.ops.sdpadiff.cpu_fused_fwd(*args)
     return out
