@@ -263,6 +263,16 @@ def check_mask_heads(attn_mask, heads: int) -> None:
         )
 
 
+def reparameterized_lambda(module: nn.Module) -> torch.Tensor:
+    """V1's λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init from ``module``'s ``lambda_q1`` … ``lambda_k2``
+    and ``lambda_init``: a 0-dim tensor in float32 (float64 for float64 parameters), whatever the
+    module dtype."""
+    work = torch.promote_types(module.lambda_q1.dtype, torch.float32)
+    l1 = torch.exp(torch.dot(module.lambda_q1.to(work), module.lambda_k1.to(work)))
+    l2 = torch.exp(torch.dot(module.lambda_q2.to(work), module.lambda_k2.to(work)))
+    return l1 - l2 + module.lambda_init
+
+
 def impl_property(names: tuple[str, ...]) -> property:
     """An ``impl`` attribute that accepts only a name from ``names``, checked whenever it is set."""
 
@@ -391,10 +401,7 @@ class MultiheadDiffAttn(nn.Module):
     def lambda_full(self) -> torch.Tensor:
         """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, a 0-dim tensor in float32 (float64 if the
         parameters are float64), whatever the module dtype."""
-        work = torch.promote_types(self.lambda_q1.dtype, torch.float32)
-        l1 = torch.exp(torch.dot(self.lambda_q1.to(work), self.lambda_k1.to(work)))
-        l2 = torch.exp(torch.dot(self.lambda_q2.to(work), self.lambda_k2.to(work)))
-        return l1 - l2 + self.lambda_init
+        return reparameterized_lambda(self)
 
     def forward(
         self,

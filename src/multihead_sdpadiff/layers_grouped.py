@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from .cache import KVCache, transaction
-from .layers import RMSNorm, _check_positive_int, check_position_ids, check_rel_pos, impl_property
+from .layers import (
+    RMSNorm,
+    _check_positive_int,
+    check_position_ids,
+    check_rel_pos,
+    impl_property,
+    reparameterized_lambda,
+)
 from .ops.grouped import IMPLS_GROUPED, grouped_diff_attention
 from .rotary import apply_rotary_emb
 
@@ -136,10 +143,7 @@ class GroupedDiffAttn(nn.Module):
 
     def lambda_full(self) -> torch.Tensor:
         """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, 0-dim, in float32 (float64 for float64 parameters)."""
-        work = torch.promote_types(self.lambda_q1.dtype, torch.float32)
-        l1 = torch.exp(torch.dot(self.lambda_q1.to(work), self.lambda_k1.to(work)))
-        l2 = torch.exp(torch.dot(self.lambda_q2.to(work), self.lambda_k2.to(work)))
-        return l1 - l2 + self.lambda_init
+        return reparameterized_lambda(self)
 
     def split_heads(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``q (B, L, H, d)`` → signal ``(B, L, N_s, d)`` and noise ``(B, L, N_n, d)`` (group-striped)."""

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .cache import KVCache, transaction
-from .layers import RMSNorm, _check_positive_int, impl_property, lambda_init_fn
+from .layers import RMSNorm, _check_positive_int, impl_property, lambda_init_fn, reparameterized_lambda
 from .masks import prepare_mask
 from .ops import IMPLS, diff_attention
 
@@ -126,10 +126,7 @@ class Phi4FlashDiffAttention(nn.Module):
 
     def lambda_full(self) -> torch.Tensor:
         """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, 0-dim, in float32 (float64 for float64 parameters)."""
-        work = torch.promote_types(self.lambda_q1.dtype, torch.float32)
-        l1 = torch.exp(torch.dot(self.lambda_q1.to(work), self.lambda_k1.to(work)))
-        l2 = torch.exp(torch.dot(self.lambda_q2.to(work), self.lambda_k2.to(work)))
-        return l1 - l2 + self.lambda_init
+        return reparameterized_lambda(self)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
                 cache: KVCache | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import RMSNorm, _check_positive_int, impl_property, lambda_init_fn
+from .layers import RMSNorm, _check_positive_int, impl_property, lambda_init_fn, reparameterized_lambda
 from .ops import IMPLS, diff_attention
 
 __all__ = ["VisionDiffAttn", "from_timm", "state_dict_from_timm", "state_dict_to_timm", "timm_kwargs", "to_timm"]
@@ -99,10 +99,7 @@ class VisionDiffAttn(nn.Module):
         if self.dual_lambda:
             work = torch.promote_types(self.lambda_a.dtype, torch.float32)
             return torch.exp(self.lambda_a.to(work)) - torch.exp(self.lambda_b.to(work)) + self.lambda_init
-        work = torch.promote_types(self.lambda_q1.dtype, torch.float32)
-        l1 = torch.exp(torch.dot(self.lambda_q1.to(work), self.lambda_k1.to(work)))
-        l2 = torch.exp(torch.dot(self.lambda_q2.to(work), self.lambda_k2.to(work)))
-        return l1 - l2 + self.lambda_init
+        return reparameterized_lambda(self)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool | None = None) -> torch.Tensor:
