@@ -79,15 +79,6 @@ inline void from_float<float>(const float* src, float* dst, int64_t n) {
 }
 
 
-// dst (d x n, row-major) = src rows [0, n) of width d (row stride d), transposed.
-template <typename T, typename U>
-inline void transpose_tile(const T* src, int64_t n, int64_t d, U* dst) {
-  for (int64_t j = 0; j < n; j++) {
-    const T* row = src + j * d;
-    for (int64_t c = 0; c < d; c++) dst[c * n + j] = static_cast<U>(row[c]);
-  }
-}
-
 // Below this many stacked rows (decode steps) scores are dot products over k read in place.
 constexpr int64_t SMALL_ROWS = 8;
 
@@ -293,6 +284,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   float* lsep = lse.data_ptr<float>();
   const int64_t ntasks = G.B * G.Hkv * G.nblocks;
   const int64_t Rmax = G.rep * G.nq;
+  // k transposed once, in float32, as the B operand of Q K^T: (B, 2Hkv, d, Lk). Decode steps
+  // (fewer stacked rows than SMALL_ROWS in every block) read k in place instead.
+  at::Tensor kt;
+  const float* ktp = nullptr;
+  if (G.rep * std::min(G.nq, Lq) >= SMALL_ROWS) {
+    kt = k.transpose(-1, -2).to(at::kFloat).contiguous();
+    ktp = kt.data_ptr<float>();
+  }
 
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch: packed q rows, both maps' exps over the block's whole key range, tile stats.
@@ -308,7 +307,6 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     // tile (O(tile) work against the tile's O(rows * tile * d) products), which is both faster than
     // the low-precision GEMM here and keeps A1 - lam A2 in float32 for the product with v.
     constexpr bool is_f32 = std::is_same<T, float>::value;
-    std::vector<float> KT1(d * KT), KT2(d * KT);  // the key tile, transposed (B operand of Q K^T)
     std::vector<float> Vf(is_f32 ? 0 : KT * d2);
     std::vector<float> Qf(Rmax * 2 * d), row(d2);  // q rows in float; one converted k/v row
     std::vector<int64_t> c0s(Rmax), c1s(Rmax);
@@ -361,10 +359,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           scores_small<T>(R, n, d, Qf.data(), k1 + t0 * d, e1, ldE, row.data());
           scores_small<T>(R, n, d, Qf.data() + R * d, k2 + t0 * d, e2, ldE, row.data());
         } else {
-          transpose_tile(k1 + t0 * d, n, d, KT1.data());
-          transpose_tile(k2 + t0 * d, n, d, KT2.data());
-          gemm<float>(R, n, d, Qf.data(), d, KT1.data(), n, e1, ldE, false);
-          gemm<float>(R, n, d, Qf.data() + R * d, d, KT2.data(), n, e2, ldE, false);
+          const float* kt1 = ktp + (bi * 2 * G.Hkv + 2 * g) * d * Lk;
+          gemm<float>(R, n, d, Qf.data(), d, kt1 + t0, Lk, e1, ldE, false);
+          gemm<float>(R, n, d, Qf.data() + R * d, d, kt1 + d * Lk + t0, Lk, e2, ldE, false);
         }
         for (int64_t r = 0; r < R; r++) {
           const int64_t h = g * G.rep + r / nqb, i = i0 + r % nqb;
@@ -424,13 +421,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           for (; c + W <= n; c += W) (fVec::loadu(s1 + c) * va - fVec::loadu(s2 + c) * vb).store(s1 + c);
           for (; c < n; c++) s1[c] = s1[c] * a - s2[c] * b;
         }
+        const float* A = E1.data() + t * R * KT;
         if (small) {
-          av_small<T>(R, n, d2, E1.data() + t * R * KT, ldE, vg + t0 * d2, O.data(), t > 0, row.data());
+          av_small<T>(R, n, d2, A, ldE, vg + t0 * d2, O.data(), t > 0, row.data());
         } else if constexpr (is_f32) {
-          gemm<float>(R, d2, n, E1.data() + t * R * KT, ldE, vg + t0 * d2, d2, O.data(), d2, t > 0);
+          gemm<float>(R, d2, n, A, ldE, vg + t0 * d2, d2, O.data(), d2, t > 0);
         } else {
           to_float<T>(vg + t0 * d2, Vf.data(), n * d2);
-          gemm<float>(R, d2, n, E1.data() + t * R * KT, ldE, Vf.data(), d2, O.data(), d2, t > 0);
+          gemm<float>(R, d2, n, A, ldE, Vf.data(), d2, O.data(), d2, t > 0);
         }
       }
       for (int64_t r = 0; r < R; r++) from_float<T>(O.data() + r * d2, out_row(r), d2);
