@@ -12,6 +12,7 @@ error instead of a hang (test_a_failing_rank_is_reported).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -204,7 +205,7 @@ def _error(fn):
     return "no error"
 
 
-def _worker(rank, world, out_dir, src):
+def _worker(rank, world, out_dir, src, fused=False):
     torch.set_num_threads(1)
     import multihead_sdpadiff as pkg
 
@@ -260,10 +261,8 @@ def _worker(rank, world, out_dir, src):
                                                vocab_parallel=True)),
             ]
             # Every CPU strategy, with sliding windows and packed documents.
-            from multihead_sdpadiff.ops import cpu_fused
-
             for impl in CP2_IMPLS:
-                if impl == "cpu_fused" and cpu_fused.not_supported_reasons():
+                if impl == "cpu_fused" and not fused:  # the kernel cannot be built here
                     continue
                 dtype = torch.float32 if impl == "cpu_fused" else torch.float64
                 for name, (window, docs) in MASK_CASES.items():
@@ -330,7 +329,7 @@ def _worker(rank, world, out_dir, src):
             for vocab in (False, True):
                 model = context_parallel(tensor_parallel(make_lm(), tp, vocab_parallel=vocab), cp)
                 losses = train_lm(model, lm_batches(12), shard=lambda ids: shard_sequence(ids, cp),
-                                  after_backward=lambda: average_gradients(model, cp))
+                                  after_backward=lambda m=model: average_gradients(m, cp))
                 res[f"cp2xtp2.lm{'.vocab' if vocab else ''}"] = {"losses": losses, "state": full_state(model)}
             # Windows and packed documents at CP = 4 (rank 0 holds chunks 0 and 7).
             for make, impl in ((make_v1, "chunked"), (make_v2, "sdpa")):
@@ -345,16 +344,27 @@ def _worker(rank, world, out_dir, src):
         dist.destroy_process_group()
 
 
-def _spawn(world, tmp_path_factory):
+def _cpu_fused_reasons() -> list[str]:
+    """Why cpu_fused cannot run here; builds its kernel first, in this process, so that the
+    ranks only load it (a first build takes about a minute, longer than the collectives' timeout)."""
+    from multihead_sdpadiff.ops import cpu_fused
+
+    if not cpu_fused.not_supported_reasons():
+        with contextlib.suppress(RuntimeError):  # a failed build records its reason
+            cpu_fused.build()
+    return cpu_fused.not_supported_reasons()
+
+
+def _spawn(world, tmp_path_factory, fused=False):
     out = tmp_path_factory.mktemp(f"parallel{world}")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(SRC).parent), os.environ.get("PYTHONPATH", "")])
-    mp.spawn(_worker, args=(world, str(out), SRC), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, str(out), SRC, fused), nprocs=world, join=True)
     return torch.load(out / "results.pt", weights_only=False)
 
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return _spawn(2, tmp_path_factory)
+    return _spawn(2, tmp_path_factory, fused=not _cpu_fused_reasons())
 
 
 @pytest.fixture(scope="module")
@@ -482,9 +492,7 @@ def test_cp2_every_cpu_strategy_with_windows_and_packing(two, impl, case):
     chunk and rank borders, and with both."""
     key = f"cp2.v1.{impl}.{case}"
     if impl == "cpu_fused" and key not in two:
-        from multihead_sdpadiff.ops import cpu_fused
-
-        pytest.skip("cpu_fused cannot build here: " + "; ".join(cpu_fused.not_supported_reasons()))
+        pytest.skip("cpu_fused cannot build here: " + "; ".join(_cpu_fused_reasons()))
     dtype = torch.float32 if impl == "cpu_fused" else torch.float64
     window, docs = MASK_CASES[case]
     _expect_layer(make_v1(dtype, impl, window=window), two[key], 20, dtype, docs=docs)

@@ -15,10 +15,15 @@ module                      plan
 ``subln``                   summed over the mesh (``Partial`` → ``Replicate``)
 V2 ``lambda_proj``          ``ColwiseParallel``: split by head, like q
 SwiGLU                      ``gate_proj``/``up_proj`` colwise, ``down_proj`` rowwise
-embedding, LM head, norms   replicated (plain tensors): the head is tied to the embedding
+norms                       replicated (plain tensors)
+embedding and tied LM head  replicated by default; with ``vocab_parallel=True`` the one tied
+                            weight ``(V, E)`` is sharded by vocab row (``RowwiseParallel`` on
+                            the embedding: masked lookup, then an all-reduce), the head computes
+                            the rank's ``V/P`` logit columns and the logits are all-gathered
 ==========================  ============================================================
 
-The degree P must divide the kv groups (``Hkv``), hence the heads; otherwise a ValueError.
+The degree P must divide the kv groups (``Hkv``), hence the heads (and, with ``vocab_parallel``,
+``vocab_size``); otherwise a ValueError.
 
 **Context parallel** (:func:`context_parallel`) splits the sequence. With P ranks the sequence of
 length N is cut into 2P chunks of ``c = N / 2P`` and rank r holds chunks ``r`` and ``2P − 1 − r``
@@ -27,8 +32,12 @@ projects its own tokens, applies RoPE at their global positions, all-gathers K a
 reduce-scatters dK and dV) and runs the op twice: chunk ``r``'s queries against keys
 ``0 .. (r+1)·c − 1`` and chunk ``2P−1−r``'s against ``0 .. (2P−r)·c − 1``. The op's bottom-right
 causal alignment (the queries are the last Lq positions of the keys) is exactly that chunk's view,
-so every strategy runs unchanged. Parameter gradients are a rank's share: average them over the
-context-parallel group (:func:`average_gradients`, or DDP/FSDP2 over a mesh that includes it).
+so every strategy runs unchanged. A window ``(left, ·)`` keeps that meaning and cuts the chunk's
+keys to the last ``c + left`` of the prefix. Packed documents (``cu_seqlens``: global boundaries,
+B = 1) become, per chunk, the op's packed layout over the documents the chunk touches, so a query
+sees only keys of its own document, with causal mask, window and RoPE positions per document.
+Parameter gradients are a rank's share: average them over the context-parallel group
+(:func:`average_gradients`, or DDP/FSDP2 over a mesh that includes it).
 """
 
 from __future__ import annotations
@@ -397,7 +406,7 @@ def _chunk_layout(docs, s: int, e: int, k0: int, k1: int, whole_docs: bool):
     else:
         k0 = max(k0, touched[0][0])
     cu_q, cu_k = [0], [0]
-    for a, b in touched:
+    for _, b in touched:
         cu_q.append(min(b, e) - s)
         cu_k.append(min(b, k1) - k0)
     return k0, k1, cu_q, cu_k
@@ -605,8 +614,22 @@ def context_parallel(module: nn.Module, cp_mesh: DeviceMesh) -> nn.Module:
     Afterwards the module takes this rank's :func:`shard_sequence` part of the input (``N / P``
     positions, N a multiple of 2P) and returns this rank's part of the output; on every rank it is
     the same function of the full sequence as before. RoPE uses the global positions
-    (:func:`sequence_positions`) unless ``position_ids`` are given. Any strategy (``impl``) runs.
-    Not supported: ``attn_mask``/``attention_mask``, a KV cache, ``return_attention``.
+    (:func:`sequence_positions`) unless ``position_ids`` (this rank's shard) are given. Any
+    strategy (``impl``) runs.
+
+    Masks that work: the causal mask; the layers' ``sliding_window`` (the op's ``window`` with
+    ``is_causal``, or ``(left, 0)`` without); no mask with ``causal=False``; and packed documents.
+    For packing pass ``cu_seqlens``, the int32 ``(docs + 1,)`` boundaries of the documents in the
+    *full* row of ``N = L·P`` positions, the same tensor on every rank, with x of shape
+    ``(1, L, E)`` (``input_ids (1, L)``); or one row of ``position_ids`` that restart at 0 at each
+    document, as without parallelism (their full row is all-gathered to find the documents). A
+    query then sees only its own document's keys, and RoPE restarts at 0 per document unless
+    ``position_ids`` are given.
+
+    Refused with a ValueError: ``attn_mask``/``attention_mask``, a KV cache, ``return_attention``,
+    and a window that lets a query see later keys without ``is_causal`` (right > 0, or left >= 0
+    with right = -1): a query chunk is placed as the last positions of its keys, so no key after
+    the chunk can be given to it.
 
     ``DiffTransformer``: ``labels`` are this rank's shard of labels aligned with ``input_ids`` (as
     without parallelism); the shift to next-token targets crosses chunk boundaries. The returned
