@@ -150,7 +150,7 @@ def run(rank: int, world: int, args, port: int | None = None) -> None:
 
         mesh = init_device_mesh(device.type, (args.cp, args.tp), mesh_dim_names=("cp", "tp"))
         if args.tp > 1:
-            tensor_parallel(model, mesh["tp"])
+            tensor_parallel(model, mesh["tp"], vocab_parallel=args.vocab_parallel)
         if args.cp > 1:
             cp_mesh = mesh["cp"]
             context_parallel(model, cp_mesh)
@@ -280,6 +280,8 @@ def parse_args(argv=None):
     p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallel: split the heads over N processes")
     p.add_argument("--cp", type=int, default=1, metavar="M",
                    help="context parallel: split each sequence over M processes (zigzag; --seq-len a multiple of 2M)")
+    p.add_argument("--vocab-parallel", action="store_true",
+                   help="with --tp: shard the tied embedding/LM head by vocab row (default: replicated)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per process, NCCL")
     p.add_argument("--compile", action="store_true", help="torch.compile(model, fullgraph=True)")
     p.add_argument("--out", default="runs/diff_lm", help="writes <out>.pt (checkpoint) and <out>.json (loss curve)")
@@ -296,6 +298,8 @@ def parse_args(argv=None):
         p.error("--tp and --cp must be >= 1")
     if args.tp * args.cp > 1 and args.ddp > 1:
         p.error("--ddp cannot be combined with --tp/--cp here (see docs/parallel.md for dp x tp with FSDP2)")
+    if args.vocab_parallel and args.tp < 2:
+        p.error("--vocab-parallel needs --tp >= 2")
     if args.seq_len % (2 * args.cp):
         p.error(f"--seq-len {args.seq_len} must be a multiple of 2 x --cp = {2 * args.cp}")
     if args.eval_batches < 0:
