@@ -22,9 +22,10 @@ def test_auto_compiles_fullgraph_on_a_traceable_strategy():
     torch.testing.assert_close(run(q, k, v), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "cpu_fused"])
+@pytest.mark.parametrize("impl", ["chunked", "cpu_fused", "triton"])
 def test_op_strategies_compile_fullgraph_forward_and_backward(impl):
-    """chunked and cpu_fused are torch ops: one graph node each, gradients through register_autograd."""
+    """chunked, cpu_fused and triton are torch ops: one graph node each, gradients through
+    register_autograd (triton runs under TRITON_INTERPRET=1 here, see tests/conftest.py)."""
     q, k, v = (t.requires_grad_() for t in _inputs())
     lam = torch.tensor(0.5, requires_grad=True)
 
@@ -43,14 +44,19 @@ def test_op_strategies_compile_fullgraph_forward_and_backward(impl):
 
 
 def test_untraceable_strategy_refuses_inside_compile():
-    q, k, v = _inputs()
+    from multihead_sdpadiff import grouped_diff_attention
+    from multihead_sdpadiff.ops.grouped import REGISTRY_GROUPED
+
+    assert not REGISTRY_GROUPED.get("chunked").compilable  # its block loop is Python, not an op
+    qs, qn = torch.randn(1, 4, 9, 8), torch.randn(1, 1, 9, 8)
+    k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 1, 9, 16)
 
     @torch.compile(fullgraph=True, backend="eager")
-    def run(q, k, v):
-        return diff_attention(q, k, v, 0.5, is_causal=True, impl="triton")
+    def run(qs, qn, k, v):
+        return grouped_diff_attention(qs, qn, k, v, 0.5, is_causal=True, impl="chunked")
 
     with pytest.raises(Exception, match="cannot be traced by torch.compile"):
-        run(q, k, v)
+        run(qs, qn, k, v)
 
 
 def test_chunked_op_opcheck():

@@ -88,11 +88,14 @@ def _run_triton(q, k, v, lam, mask, scale):
 
 register(Strategy("triton", _run_triton,
                   "fused Triton kernel: two online softmaxes, each K/V tile read once, forward and backward",
-                  flops=1.5, score_memory="O(N)", compilable=False,
+                  flops=1.5, score_memory="O(N)",
                   check=lambda i: _mask_needs_no_grad(i) + _triton_fused.triton_not_supported_reasons(
                       i.q, i.k, i.v, i.lam, i.mask.tensor, i.mask.causal),
                   notes="NVIDIA GPUs of compute capability >= 8.0 with the triton extra; on CPU only under "
-                        "TRITON_INTERPRET=1 (slow, for tests). Head dims 16, 32, 64, 128."))
+                        "TRITON_INTERPRET=1 (slow, for tests). Head dims 16, 32, 64, 128. The torch ops "
+                        "sdpadiff::triton_fwd/triton_bwd, defined on first use: torch.library.triton_op with "
+                        "compiled kernels, torch.library.custom_op under the interpreter; both compile with "
+                        "fullgraph=True."))
 
 #: Names accepted by ``impl=``: every registered strategy, plus ``"auto"``.
 IMPLS: tuple[str, ...] = REGISTRY.names()

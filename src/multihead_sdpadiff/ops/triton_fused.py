@@ -14,6 +14,14 @@ Public entry points:
 
 Triton itself is imported lazily (only when a kernel is launched), so importing
 this module never requires triton.
+
+The kernels run through two torch ops, ``sdpadiff::triton_fwd`` and
+``sdpadiff::triton_bwd`` (schemas in the section "the torch ops" below), defined
+on first use with fake implementations and an autograd formula, so that
+``torch.compile(fullgraph=True)`` traces the strategy with no graph break. With
+compiled kernels they are ``torch.library.triton_op`` ops (the compiled graph
+holds the kernels); under TRITON_INTERPRET=1 they are ``torch.library.custom_op``
+ops (one opaque node), because torch cannot trace interpreted kernels.
 """
 
 from __future__ import annotations
@@ -23,9 +31,9 @@ import importlib.util
 import math
 import os
 import struct
+import threading
 
 import torch
-from torch.autograd.function import once_differentiable
 
 __all__ = ["triton_diff_attention", "triton_not_supported_reasons"]
 
@@ -52,6 +60,19 @@ def _kernels():
     return _kernels_module
 
 
+def _constant_under_compile(fn):
+    """Mark ``fn`` as :func:`torch.compiler.assume_constant_result` does: torch.compile calls it
+    (as plain Python) while tracing and keeps its result as a constant; eager calls are unchanged.
+
+    The public decorator imports ``torch._dynamo``, which imports triton, and importing this module
+    must not import triton; so this sets the decorator's marker attribute (``_dynamo_marked_constant``
+    in torch 2.13) itself. tests/ops/test_triton_ops.py checks that the marker is still the one
+    torch uses.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -60,41 +81,54 @@ def _interpreted() -> bool:
 # support check
 # ---------------------------------------------------------------------------
 
+_NOT_INSTALLED = "triton is not installed"
+
+
+@_constant_under_compile
+def _environment_reasons(device_type: str, device_index: int | None) -> tuple[str, ...]:
+    """Why this process cannot launch the kernel on that device: triton missing, CPU tensors
+    without the interpreter, an NVIDIA GPU below compute capability 8.0, another device type.
+
+    Marked as a constant result: torch.compile calls it once while tracing (it reads the
+    environment and the installed packages, which dynamo cannot trace) and keeps the answer.
+    """
+    reasons = []
+    if importlib.util.find_spec("triton") is None:
+        reasons.append(_NOT_INSTALLED)
+    if device_type == "cpu":
+        if not _interpreted():
+            reasons.append("tensors are on the CPU and TRITON_INTERPRET is not '1' "
+                           "(the Triton kernel needs a GPU or the interpreter)")
+    elif device_type == "cuda":
+        if not _interpreted() and torch.version.hip is None:
+            major, minor = torch.cuda.get_device_capability(device_index)
+            if major < 8:
+                reasons.append(f"the Triton kernel needs an NVIDIA GPU of compute capability "
+                               f">= 8.0, got {major}.{minor}")
+    else:
+        reasons.append(f"device type {device_type!r} is not supported by the Triton kernel")
+    return tuple(reasons)
+
+
 def triton_not_supported_reasons(q, k, v, lam, attn_mask, is_causal) -> list[str]:
     """Human-readable reasons why the Triton kernel cannot run these inputs.
 
     An empty list means the inputs are supported.  Never imports triton.
     """
-    reasons: list[str] = []
-    if importlib.util.find_spec("triton") is None:
-        reasons.append("triton is not installed")
-
     tensors = {"q": q, "k": k, "v": v, "lam": lam}
     if attn_mask is not None:
         tensors["attn_mask"] = attn_mask
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            reasons.append(f"{name} is not a torch.Tensor")
-    if reasons and any(not isinstance(t, torch.Tensor) for t in tensors.values()):
-        return reasons
+    not_tensors = [f"{name} is not a torch.Tensor" for name, t in tensors.items() if not isinstance(t, torch.Tensor)]
+    if not_tensors:
+        return ([_NOT_INSTALLED] if importlib.util.find_spec("triton") is None else []) + not_tensors
 
-    # devices
+    # installation and devices
+    env = _environment_reasons(q.device.type, q.device.index)
+    reasons: list[str] = [r for r in env if r == _NOT_INSTALLED]
     devices = {t.device for t in tensors.values()}
     if len(devices) > 1:
         reasons.append(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    dev = q.device
-    if dev.type == "cpu":
-        if not _interpreted():
-            reasons.append("tensors are on the CPU and TRITON_INTERPRET is not '1' "
-                           "(the Triton kernel needs a GPU or the interpreter)")
-    elif dev.type == "cuda":
-        if not _interpreted() and torch.version.hip is None:
-            major, minor = torch.cuda.get_device_capability(dev)
-            if major < 8:
-                reasons.append(f"the Triton kernel needs an NVIDIA GPU of compute capability "
-                               f">= 8.0, got {major}.{minor}")
-    else:
-        reasons.append(f"device type {dev.type!r} is not supported by the Triton kernel")
+    reasons.extend(r for r in env if r != _NOT_INSTALLED)
 
     # dtypes
     if q.dtype not in _SUPPORTED_DTYPES:
@@ -257,14 +291,42 @@ def _kv_tile_table(lo, hi, lq, lk, block_m, block_n) -> torch.Tensor:
     return torch.stack((begin, fs, fe, end), dim=1).to(torch.int32).contiguous()  # (n_tiles, 4)
 
 
-def _forward(q, k, v, lam, attn_mask, bounds, scale, store_aux):
+def _module_kernels() -> dict:
+    """The kernels by name ("fwd", "bwd_pre", "bwd_kv", "bwd_q"), as they are (eager launches)."""
+    K = _kernels()
+    return {"fwd": K.diff_attn_fwd_kernel, "bwd_pre": K.diff_attn_bwd_pre_kernel,
+            "bwd_kv": K.diff_attn_bwd_kv_kernel, "bwd_q": K.diff_attn_bwd_q_kernel}
+
+
+def _fwd_outputs(q, store_aux: bool):
+    """``(out, o2, lse)`` allocated for the forward: ``out`` and ``o2`` ``(B, H, Lq, 2d)`` in q's
+    dtype, ``lse`` ``(B, H, 2, Lq)`` in the accumulation dtype (float32, float64 for float64).
+    Without ``store_aux``, ``o2`` and ``lse`` are empty ``(0,)`` tensors. Also the fake forward."""
+    B, H2, Lq, d = q.shape
+    acc = _acc_dtype(q.dtype)
+    out = q.new_empty((B, H2 // 2, Lq, 2 * d))
+    if not store_aux:
+        return out, q.new_empty((0,)), q.new_empty((0,), dtype=acc)
+    return out, torch.empty_like(out), q.new_empty((B, H2 // 2, 2, Lq), dtype=acc)
+
+
+def _bwd_outputs(q, k, v, lam, need_q: bool, need_kv: bool):
+    """``(dq, dk, dv, dlam)``: contiguous zeros shaped like q, k, v, lam (the kernels write
+    contiguous gradients whatever the inputs' strides); a gradient that is not needed (``need_q`` /
+    ``need_kv`` False) is an empty ``(0,)`` tensor. Also the fake backward."""
+    return (q.new_zeros(q.shape) if need_q else q.new_empty((0,)),
+            k.new_zeros(k.shape) if need_kv else k.new_empty((0,)),
+            v.new_zeros(v.shape) if need_kv else v.new_empty((0,)),
+            lam.new_zeros(lam.shape))
+
+
+def _forward(q, k, v, lam, attn_mask, bounds, scale, store_aux, kernels=None):
+    """``(out, o2, lse)`` (see :func:`_fwd_outputs`). ``kernels``: what to launch by name, default
+    :func:`_module_kernels` (the ops pass them wrapped by ``torch.library.wrap_triton``)."""
     B, H2, Lq, d = q.shape
     Hk2, Lk = k.shape[1], k.shape[2]
     H, Hkv = H2 // 2, Hk2 // 2
-    acc = _acc_dtype(q.dtype)
-    out = torch.empty((B, H, Lq, 2 * d), device=q.device, dtype=q.dtype)
-    o2 = torch.empty_like(out) if store_aux else None
-    lse = torch.empty((B, H, 2, Lq), device=q.device, dtype=acc) if store_aux else None
+    out, o2, lse = _fwd_outputs(q, store_aux)
     if out.numel() == 0:
         return out, o2, lse
     if Lk == 0:  # nothing to attend to: all rows are empty
@@ -276,15 +338,16 @@ def _forward(q, k, v, lam, attn_mask, bounds, scale, store_aux):
 
     import triton
 
-    K = _kernels()
+    K = kernels or _module_kernels()
     c = _common_consts(q, scale)
     mask, ms, has_mask, mask_bool = _mask_args(attn_mask, q, B, H, Lq, Lk)
     cfg = _config("fwd", d, q.dtype)
     grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
     lo, hi = bounds
-    K.diff_attn_fwd_kernel[grid](
-        q, k, v, lam, mask, lo, hi, out,
-        o2 if store_aux else out, lse if store_aux else out,
+    # Without STORE_AUX the kernel never touches O2 and LSE (empty tensors here, never aliases
+    # of out, so that a traced graph sees exactly which buffers the kernel writes).
+    K["fwd"][grid](
+        q, k, v, lam, mask, lo, hi, out, o2, lse,
         *q.stride(), *k.stride(), *v.stride(), *ms,
         H, H // Hkv, Lq, Lk,
         c["qk"][0], c["qk"][1], c["mask_scale"],
@@ -297,22 +360,20 @@ def _forward(q, k, v, lam, attn_mask, bounds, scale, store_aux):
     return out, o2, lse
 
 
-def _backward(dout, q, k, v, lam, attn_mask, bounds, scale, out, o2, lse,
-              need_q, need_kv, need_lam):
+def _backward(dout, q, k, v, lam, attn_mask, bounds, scale, out, o2, lse, need_q, need_kv, kernels=None):
+    """``(dq, dk, dv, dlam)`` (see :func:`_bwd_outputs`); dlam is always computed (a row sum).
+    ``kernels`` as for :func:`_forward`."""
     B, H2, Lq, d = q.shape
     Hk2, Lk = k.shape[1], k.shape[2]
     H, Hkv = H2 // 2, Hk2 // 2
     acc = _acc_dtype(q.dtype)
-    dq = torch.zeros((B, H2, Lq, d), device=q.device, dtype=q.dtype) if need_q else None
-    dk = torch.zeros((B, Hk2, Lk, d), device=q.device, dtype=q.dtype) if need_kv else None
-    dv = torch.zeros((B, Hkv, Lk, 2 * d), device=q.device, dtype=q.dtype) if need_kv else None
-    dlam = torch.zeros((H,), device=q.device, dtype=lam.dtype) if need_lam else None
+    dq, dk, dv, dlam = _bwd_outputs(q, k, v, lam, need_q, need_kv)
     if out.numel() == 0 or Lk == 0:
         return dq, dk, dv, dlam
 
     import triton
 
-    K = _kernels()
+    K = kernels or _module_kernels()
     c = _common_consts(q, scale)
     mask, ms, has_mask, mask_bool = _mask_args(attn_mask, q, B, H, Lq, Lk)
     lo, hi = bounds
@@ -323,21 +384,20 @@ def _backward(dout, q, k, v, lam, attn_mask, bounds, scale, out, o2, lse,
     delta = torch.empty((B, H, 2, Lq), device=q.device, dtype=acc)
     cfg = _config("bwd_pre", d, q.dtype)
     grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
-    K.diff_attn_bwd_pre_kernel[grid](
+    K["bwd_pre"][grid](
         out, o2, dout, lam, delta, *dout.stride(), H, Lq,
         D=d, BLOCK_M=cfg["BLOCK_M"], ACC=c["ACC"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if need_lam:
-        # dL/dlam[i] = -sum(dO * O2) over batch, rows and columns of head i.
-        dlam = (-delta[:, :, 1, :].sum(dim=(0, 2))).to(lam.dtype)
+    # dL/dlam[i] = -sum(dO * O2) over batch, rows and columns of head i.
+    dlam = (-delta[:, :, 1, :].sum(dim=(0, 2))).to(lam.dtype)
 
     scalars = (c["qk"][0], c["qk"][1], c["sm"][0], c["sm"][1], c["mask_scale"])
     if need_kv:
         cfg = _config("bwd_kv", d, q.dtype)
         grid = (triton.cdiv(Lk, cfg["BLOCK_N"]), B * Hkv)
         table = _kv_tile_table(lo, hi, Lq, Lk, cfg["BLOCK_M"], cfg["BLOCK_N"])
-        K.diff_attn_bwd_kv_kernel[grid](
+        K["bwd_kv"][grid](
             q, k, v, lam, mask, lo, hi, table, dout, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *ms, *dout.stride(),
             H, Hkv, H // Hkv, Lq, Lk, *scalars,
@@ -347,7 +407,7 @@ def _backward(dout, q, k, v, lam, attn_mask, bounds, scale, out, o2, lse,
     if need_q:
         cfg = _config("bwd_q", d, q.dtype)
         grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
-        K.diff_attn_bwd_q_kernel[grid](
+        K["bwd_q"][grid](
             q, k, v, lam, mask, lo, hi, dout, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *ms, *dout.stride(),
             H, H // Hkv, Lq, Lk, *scalars,
@@ -357,23 +417,110 @@ def _backward(dout, q, k, v, lam, attn_mask, bounds, scale, out, o2, lse,
     return dq, dk, dv, dlam
 
 
-class _DiffAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, lam, attn_mask, lo, hi, scale):
-        out, o2, lse = _forward(q, k, v, lam, attn_mask, (lo, hi), scale, store_aux=True)
-        ctx.save_for_backward(q, k, v, lam, attn_mask, lo, hi, out, o2, lse)
-        ctx.scale = scale
-        return out
+# ---------------------------------------------------------------------------
+# the torch ops
+# ---------------------------------------------------------------------------
+#
+# sdpadiff::triton_fwd(q, k, v, lam, mask?, lo, hi, scale, store_aux) -> (out, o2, lse)
+#     lam (H,) in the accumulation dtype; mask None, bool or q's dtype, broadcastable to
+#     (B, H, Lq, Lk); lo, hi int32 (Lq,) row intervals. out and o2 (map 2's normalised output)
+#     are (B, H, Lq, 2d) in q's dtype, lse (B, H, 2, Lq) per map in the accumulation dtype;
+#     with store_aux=False, o2 and lse are empty (0,) tensors and the op cannot be differentiated.
+# sdpadiff::triton_bwd(dout, q, k, v, lam, mask?, lo, hi, out, o2, lse, scale, need_q, need_kv)
+#     -> (dq, dk, dv, dlam), shaped like q, k, v, lam; dq (need_q=False) or dk and dv
+#     (need_kv=False) are empty (0,) tensors when not needed.
+#
+# They are defined on first use (:func:`_register_ops`): defining them needs triton, and importing
+# this module must not import it. With compiled kernels (a GPU) they are ``torch.library.triton_op``
+# ops whose kernels are launched through ``torch.library.wrap_triton``: under torch.compile the
+# graph holds the kernels themselves (Inductor compiles them with the rest), torch.export keeps
+# each op as one node, and the fake implementation is the op's own function run on fake tensors
+# (the wrapped launches do nothing there). Under TRITON_INTERPRET=1 ``@triton.jit`` returns
+# interpreted kernels, which ``wrap_triton`` hands back unwrapped (torch cannot trace them: they
+# read the tensors' memory), so there the same functions are registered with
+# ``torch.library.custom_op`` instead, with the allocation helpers above as fake implementations:
+# an opaque op, one graph node under torch.compile. Both forms share the schema, the functions
+# and the autograd formula below.
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        q, k, v, lam, attn_mask, lo, hi, out, o2, lse = ctx.saved_tensors
-        need_q, need_k, need_v, need_lam = ctx.needs_input_grad[:4]
-        dq, dk, dv, dlam = _backward(
-            dout, q, k, v, lam, attn_mask, (lo, hi), ctx.scale, out, o2, lse,
-            need_q, need_k or need_v, need_lam)
-        return dq, (dk if need_k else None), (dv if need_v else None), dlam, None, None, None, None
+_ops_lock = threading.Lock()
+_ops_kind: str | None = None  # "triton_op" or "custom_op" once the ops are defined
+
+
+def _fwd_fake(q, k, v, lam, mask, lo, hi, scale, store_aux):
+    return _fwd_outputs(q, store_aux)
+
+
+def _bwd_fake(dout, q, k, v, lam, mask, lo, hi, out, o2, lse, scale, need_q, need_kv):
+    return _bwd_outputs(q, k, v, lam, need_q, need_kv)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, lam, mask, lo, hi, scale, store_aux = inputs
+    out, o2, lse = output
+    ctx.save_for_backward(q, k, v, lam, lo, hi, out, o2, lse, *(() if mask is None else (mask,)))
+    ctx.has_mask, ctx.scale, ctx.store_aux = mask is not None, scale, store_aux
+
+
+def _autograd_backward(ctx, dout, _grad_o2, _grad_lse):
+    if not ctx.store_aux:
+        raise RuntimeError("sdpadiff::triton_fwd was called with store_aux=False, which keeps no row "
+                           "statistics for the backward; call it with store_aux=True to differentiate it")
+    q, k, v, lam, lo, hi, out, o2, lse, *rest = ctx.saved_tensors
+    mask = rest[0] if ctx.has_mask else None
+    need_q, need_k, need_v, need_lam = ctx.needs_input_grad[:4]
+    dq, dk, dv, dlam = torch.ops.sdpadiff.triton_bwd(dout, q, k, v, lam, mask, lo, hi, out, o2, lse, ctx.scale,
+                                                     need_q, need_k or need_v)
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
+            dlam if need_lam else None, None, None, None, None, None)
+
+
+def _define_ops(kernels: dict) -> str:
+    """Define the two ops around ``kernels`` (see :func:`_module_kernels`); returns how."""
+    from torch.library import wrap_triton
+    from triton.runtime.jit import JITFunction
+
+    # Named here so that torch.library.triton_op finds them in the functions' closures (torch
+    # hashes the kernels' source into its compile caches).
+    fwd_kernel, pre_kernel, kv_kernel, q_kernel = (kernels[n] for n in ("fwd", "bwd_pre", "bwd_kv", "bwd_q"))
+
+    def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor | None,
+                   lo: torch.Tensor, hi: torch.Tensor, scale: float,
+                   store_aux: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _forward(q, k, v, lam, mask, (lo, hi), scale, store_aux, {"fwd": wrap_triton(fwd_kernel)})
+
+    def triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
+                   mask: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor, out: torch.Tensor,
+                   o2: torch.Tensor, lse: torch.Tensor, scale: float, need_q: bool,
+                   need_kv: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        wrapped = {"bwd_pre": wrap_triton(pre_kernel), "bwd_kv": wrap_triton(kv_kernel), "bwd_q": wrap_triton(q_kernel)}
+        return _backward(dout, q, k, v, lam, mask, (lo, hi), scale, out, o2, lse, need_q, need_kv, wrapped)
+
+    if isinstance(fwd_kernel, JITFunction):  # compiled kernels: torch sees into the op
+        torch.library.triton_op("sdpadiff::triton_fwd", triton_fwd, mutates_args=())
+        torch.library.triton_op("sdpadiff::triton_bwd", triton_bwd, mutates_args=())
+        kind = "triton_op"
+    else:  # TRITON_INTERPRET=1: interpreted kernels, an opaque op
+        torch.library.custom_op("sdpadiff::triton_fwd", triton_fwd, mutates_args=()).register_fake(_fwd_fake)
+        torch.library.custom_op("sdpadiff::triton_bwd", triton_bwd, mutates_args=()).register_fake(_bwd_fake)
+        kind = "custom_op"
+    torch.library.register_autograd("sdpadiff::triton_fwd", _autograd_backward, setup_context=_setup_context)
+    return kind
+
+
+@_constant_under_compile
+def _register_ops() -> str:
+    """Define ``sdpadiff::triton_fwd`` / ``triton_bwd`` once (this imports triton); returns
+    ``"triton_op"`` or ``"custom_op"`` (see the section comment "the torch ops").
+
+    Marked as a constant result so that torch.compile runs it while tracing (once, as plain
+    Python) instead of tracing into it: the ops then exist before the traced code calls them.
+    """
+    global _ops_kind
+    if _ops_kind is None:
+        with _ops_lock:
+            if _ops_kind is None:
+                _ops_kind = _define_ops(_module_kernels())
+    return _ops_kind
 
 
 def triton_diff_attention(q, k, v, lam, attn_mask, is_causal, scale, *, row_bounds=None) -> torch.Tensor:
@@ -389,6 +536,10 @@ def triton_diff_attention(q, k, v, lam, attn_mask, is_causal, scale, *, row_boun
     Key tiles outside every row's interval are skipped.
     Returns (B, H, Lq, 2d) in q's dtype.  Rows that see no key give zeros.
     Call ``triton_not_supported_reasons`` first; this function assumes support.
+
+    Runs through the op ``sdpadiff::triton_fwd`` (autograd through ``triton_bwd``), which
+    torch.compile(fullgraph=True) traces; an eager call with nothing to differentiate launches
+    the forward kernel directly, without the auxiliary outputs.
     """
     acc = _acc_dtype(q.dtype)
     if lam.dtype != acc:
@@ -405,7 +556,10 @@ def triton_diff_attention(q, k, v, lam, attn_mask, is_causal, scale, *, row_boun
         lo, hi = default_row_bounds(Lq, Lk, is_causal, q.device)
     else:
         lo, hi = (t.to(device=q.device, dtype=torch.int32).contiguous() for t in row_bounds)
-    if not needs_grad:
+    if not needs_grad and not torch.compiler.is_compiling():
+        # Eager with nothing to differentiate (inference, decoding): skip the dispatcher.
         out, _, _ = _forward(q, k, v, lam, attn_mask, (lo, hi), scale, store_aux=False)
         return out
-    return _DiffAttentionFn.apply(q, k, v, lam, attn_mask, lo, hi, scale)
+    _register_ops()
+    out, _, _ = torch.ops.sdpadiff.triton_fwd(q, k, v, lam, attn_mask, lo, hi, scale, needs_grad)
+    return out
