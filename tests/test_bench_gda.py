@@ -107,7 +107,8 @@ def test_bench_marks_wrong_strategies_and_times_only_correct_ones(registry_copy,
             assert "correctness check" in rows[name, mode]["reason"]
         assert rows["gda_raises", mode]["status"] == "error" and rows["gda_raises", mode]["median_s"] is None
         assert "deliberately broken" in rows["gda_raises", mode]["reason"]
-        assert rows["gda_cuda_only", mode]["status"] == "skipped" and "device cpu" in rows["gda_cuda_only", mode]["reason"]
+        skipped = rows["gda_cuda_only", mode]
+        assert skipped["status"] == "skipped" and "device cpu" in skipped["reason"]
         for name in ("gda_renamed", "gda_reference", "gda_chunked", "gda_auto", "v1_auto", "standard"):
             assert rows[name, mode]["status"] == "ok" and rows[name, mode]["median_s"] > 0, rows[name, mode]
 
@@ -190,6 +191,12 @@ def test_gda_defaults_and_options_parse():
     assert (cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads) == (768, 16, 2)
     v1 = _cfg(["--device", "cpu"])  # the V1 defaults are unchanged
     assert (v1.embed_dim, v1.num_heads, v1.num_kv_heads, v1.second_yardstick, v1.note) == (768, 12, 12, None, "")
+
+
+def test_cli_default_ratio_is_the_cases_default():
+    from multihead_sdpadiff.bench.cases_gda import DEFAULT_RATIO
+
+    assert bench_cli.DEFAULT_GDA_RATIO == DEFAULT_RATIO == 4
 
 
 @pytest.mark.parametrize("argv", [

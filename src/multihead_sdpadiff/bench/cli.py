@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-lens", type=int, nargs="+", default=None, metavar="N",
                    help="key lengths N (default: 512 1024 2048 on cpu, more with --full)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--embed-dim", type=int, default=None, help="E; d = E / num_heads (default: 768; 1024 with --op gda)")
+    p.add_argument("--embed-dim", type=int, default=None,
+                   help="E; d = E / num_heads (default: 768; 1024 with --op gda)")
     p.add_argument("--num-heads", type=int, default=None,
                    help="the baseline's heads (H = num_heads/2 differential heads; with --op gda N_s = num_heads/2 "
                         "signal heads) (default: 12; 16 with --op gda)")
@@ -106,12 +107,12 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if not gda and (args.gda_ratio is not None or args.gda_v1 is not None):
         parser.error("--gda-ratio and --gda-v1 apply to --op gda only")
     ratio = DEFAULT_GDA_RATIO if args.gda_ratio is None else args.gda_ratio
-    embed_dim = args.embed_dim or (1024 if gda else 768)
-    num_heads = args.num_heads or (16 if gda else 12)
+    embed_dim = (1024 if gda else 768) if args.embed_dim is None else args.embed_dim
+    num_heads = (16 if gda else 12) if args.num_heads is None else args.num_heads
     num_kv = args.num_kv_heads
     if num_kv is None:
         # GDA: P = N_n kv pairs (Motif-2); a ratio that leaves no whole noise head is reported below.
-        num_kv = 2 * max(1, num_heads // 2 // ratio) if gda and ratio > 0 else num_heads
+        num_kv = 2 * max(1, num_heads // 2 // ratio) if gda and ratio > 0 and num_heads > 0 else num_heads
     for name, value in (("--batch", args.batch), ("--embed-dim", embed_dim), ("--num-heads", num_heads),
                         ("--num-kv-heads", num_kv), ("--check-len", args.check_len), ("--gda-ratio", ratio)):
         if value <= 0:
@@ -135,7 +136,8 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
         second = v1_yardstick_name(v1_impl)
         ns, pairs, d = num_heads // 2, num_kv // 2, embed_dim // num_heads
         note = (f"GDA: N_s={ns} signal heads, N_n={ns // ratio} noise heads (r={ratio}), P={pairs} kv pairs, d={d}; "
-                f"{second}: {ns} separate differential heads; standard: {2 * ns} maps of width d over {2 * pairs} kv maps")
+                f"{second}: {ns} separate differential heads; "
+                f"standard: {2 * ns} maps of width d over {2 * pairs} kv maps")
     seq_lens = tuple(args.seq_lens or preset["seq_lens"])
     if any(n < 2 for n in seq_lens):
         parser.error("--seq-lens must be >= 2 (decode needs a prompt of N - 1 tokens)")
@@ -252,7 +254,8 @@ def main(argv: list[str]) -> int:
 
         if cfg.level != "op":
             parser.error("--op gda runs at op level only (--level op)")
-        methods = build_methods_gda(cfg.level, args.gda_ratio or DEFAULT_GDA_RATIO, args.gda_v1 or "auto")
+        ratio = DEFAULT_GDA_RATIO if args.gda_ratio is None else args.gda_ratio
+        methods = build_methods_gda(cfg.level, ratio, args.gda_v1 or "auto")
     else:
         methods = build_methods(cfg.level)
     if args.impls:
