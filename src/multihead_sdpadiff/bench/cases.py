@@ -29,6 +29,7 @@ import multihead_sdpadiff as msd
 from multihead_sdpadiff.masks import causal_mask
 from multihead_sdpadiff.ops import _prepare as prepare_op_inputs
 from multihead_sdpadiff.ops import get_strategy
+from multihead_sdpadiff.ops.registry import Strategy
 
 LEVELS = ("op", "module")
 MODES = ("fwd", "fwd_bwd", "decode")
@@ -136,7 +137,8 @@ class Method:
         name: the name in tables and in ``--impls``.
         kind: ``"diff"`` (compared with the differential reference), ``"standard"`` (compared with
             plain attention), ``"peer"`` (another library's differential attention) or
-            ``"diff_v2"`` (compared with the V2 reference, ``bench/cases_v2.py``).
+            ``"diff_v2"`` (compared with the V2 reference, ``bench/cases_v2.py``) or ``"diff_gda"``
+            (compared with the GDA reference through ``truth``, ``bench/cases_gda.py``).
         summary: one line for the docs and the results file.
         flops: attention FLOPs relative to standard attention of the same width, or a function of
             the case (``auto`` depends on what it resolves to).
@@ -148,6 +150,11 @@ class Method:
         run: ``f(state) -> output``, the timed call.
         canonical: the output in the reference layout (used by the correctness check only).
         resolve: for ``auto``: ``f(case) -> the strategy it runs``.
+        strategy_of: for an ``auto`` of another op's registry: ``f(name) -> Strategy``, used to
+            look up the resolved strategy's ``score_memory`` (default: V1's registry).
+        truth: the correctness check's truth, when the method's kind has none of its own:
+            ``f(q, k, v, lam, upcast) -> output`` on the op-level tensors, the float64 reference
+            with ``upcast``, else the plain equation in the inputs' dtype (``bench/cases_gda.py``).
     """
 
     name: str
@@ -160,6 +167,8 @@ class Method:
     run: Callable[[dict], torch.Tensor]
     canonical: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda out: out)
     resolve: Callable[[Case], str] | None = None
+    strategy_of: Callable[[str], Strategy] | None = None
+    truth: Callable[..., torch.Tensor] | None = None
 
     def relative_flops(self, case: Case) -> float | None:
         try:

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import torch
 
+#: --op gda's ``r`` (Motif-2-12.7B: 32 signal heads, 8 noise heads); cases_gda.DEFAULT_RATIO, not
+#: imported so that ``--help`` loads no op code.
+DEFAULT_GDA_RATIO = 4
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 #: Sweep presets: (device type, full?) -> settings. The quick CPU preset finishes in well under two
@@ -43,17 +47,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-lens", type=int, nargs="+", default=None, metavar="N",
                    help="key lengths N (default: 512 1024 2048 on cpu, more with --full)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--embed-dim", type=int, default=768)
-    p.add_argument("--num-heads", type=int, default=12, help="the baseline's heads (H = num_heads/2 differential heads)")
-    p.add_argument("--num-kv-heads", type=int, default=None, help="default: --num-heads (no GQA)")
+    p.add_argument("--embed-dim", type=int, default=None,
+                   help="E; d = E / num_heads (default: 768; 1024 with --op gda)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="the baseline's heads (H = num_heads/2 differential heads; with --op gda N_s = num_heads/2 "
+                        "signal heads) (default: 12; 16 with --op gda)")
+    p.add_argument("--num-kv-heads", type=int, default=None,
+                   help="default: --num-heads (no GQA); with --op gda 2 * N_n (P = N_n kv pairs, as in Motif-2)")
     p.add_argument("--modes", nargs="+", choices=("fwd", "fwd_bwd", "decode"), default=None,
                    help="default: fwd fwd_bwd (plus decode with --full)")
     p.add_argument("--impls", nargs="+", default=None, metavar="NAME",
-                   help="methods to run (default: all); 'standard' always runs, it is the ratio's floor")
+                   help="methods to run (default: all); 'standard' always runs, it is the ratio's floor "
+                        "(with --op gda, so does the V1 yardstick)")
     p.add_argument("--level", choices=("op", "module"), default="op")
-    p.add_argument("--op", choices=("v1", "v2"), default="v1",
+    p.add_argument("--op", choices=("v1", "v2", "gda"), default="v1",
                    help="v1: diff_attention's strategies (default); v2: diff_attention_v2's, as v2_<name>, "
-                        "checked against the V2 reference (op level only)")
+                        "checked against the V2 reference (op level only); gda: grouped_diff_attention's, as "
+                        "gda_<name>, checked against the GDA reference, beside N_s separate differential heads "
+                        "through V1 (v1_auto) and standard attention of the same width (op level only)")
+    p.add_argument("--gda-ratio", type=int, default=None, metavar="R",
+                   help=f"--op gda: r signal heads per noise head, N_n = N_s / r (default {DEFAULT_GDA_RATIO}, "
+                        "Motif-2-12.7B's)")
+    p.add_argument("--gda-v1", default=None, metavar="NAME",
+                   help="--op gda: the V1 strategy of the N_s-separate-heads yardstick, row v1_NAME (default: auto)")
     p.add_argument("--threads", type=int, default=None,
                    help=f"torch threads for every timed call (default: torch.get_num_threads() = {torch.get_num_threads()})")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: bench-results/<timestamp>-<level>)")
@@ -87,27 +103,55 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
     preset = PRESETS[("cuda" if device.startswith("cuda") else "cpu", args.full)]
-    num_kv = args.num_kv_heads or args.num_heads
-    for name, value in (("--batch", args.batch), ("--embed-dim", args.embed_dim), ("--num-heads", args.num_heads),
-                        ("--num-kv-heads", num_kv), ("--check-len", args.check_len)):
+    gda = args.op == "gda"
+    if not gda and (args.gda_ratio is not None or args.gda_v1 is not None):
+        parser.error("--gda-ratio and --gda-v1 apply to --op gda only")
+    ratio = DEFAULT_GDA_RATIO if args.gda_ratio is None else args.gda_ratio
+    embed_dim = (1024 if gda else 768) if args.embed_dim is None else args.embed_dim
+    num_heads = (16 if gda else 12) if args.num_heads is None else args.num_heads
+    num_kv = args.num_kv_heads
+    if num_kv is None:
+        # GDA: P = N_n kv pairs (Motif-2); a ratio that leaves no whole noise head is reported below.
+        num_kv = 2 * max(1, num_heads // 2 // ratio) if gda and ratio > 0 and num_heads > 0 else num_heads
+    for name, value in (("--batch", args.batch), ("--embed-dim", embed_dim), ("--num-heads", num_heads),
+                        ("--num-kv-heads", num_kv), ("--check-len", args.check_len), ("--gda-ratio", ratio)):
         if value <= 0:
             parser.error(f"{name} must be positive, got {value}")
-    if args.num_heads % 2 or num_kv % 2 or args.num_heads % num_kv or args.embed_dim % args.num_heads:
+    if num_heads % 2 or num_kv % 2 or num_heads % num_kv or embed_dim % num_heads:
         parser.error("need even --num-heads and --num-kv-heads, num_kv_heads dividing num_heads, "
                      "and --embed-dim divisible by --num-heads")
+    second, note = None, ""
+    if gda:
+        from .cases_gda import gda_shape_reasons, v1_yardstick_name
+
+        reasons = gda_shape_reasons(num_heads, num_kv, ratio)
+        if reasons:
+            parser.error(f"--op gda with --num-heads {num_heads}, --num-kv-heads {num_kv}, --gda-ratio {ratio}: "
+                         + "; ".join(reasons))
+        import multihead_sdpadiff as msd
+
+        v1_impl = args.gda_v1 or "auto"
+        if v1_impl not in msd.IMPLS:
+            parser.error(f"--gda-v1 must be one of {list(msd.IMPLS)}, got {v1_impl!r}")
+        second = v1_yardstick_name(v1_impl)
+        ns, pairs, d = num_heads // 2, num_kv // 2, embed_dim // num_heads
+        note = (f"GDA: N_s={ns} signal heads, N_n={ns // ratio} noise heads (r={ratio}), P={pairs} kv pairs, d={d}; "
+                f"{second}: {ns} separate differential heads; "
+                f"standard: {2 * ns} maps of width d over {2 * pairs} kv maps")
     seq_lens = tuple(args.seq_lens or preset["seq_lens"])
     if any(n < 2 for n in seq_lens):
         parser.error("--seq-lens must be >= 2 (decode needs a prompt of N - 1 tokens)")
     return BenchConfig(
         level=args.level, device=device, dtype=_DTYPES[args.dtype or preset["dtype"]],
         seq_lens=seq_lens, modes=tuple(dict.fromkeys(args.modes or preset["modes"])),
-        batch=args.batch, embed_dim=args.embed_dim, num_heads=args.num_heads, num_kv_heads=num_kv,
+        batch=args.batch, embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv,
         threads=args.threads or torch.get_num_threads(),
         min_time=preset["min_time"] if args.min_time is None else args.min_time,
         min_reps=preset["min_reps"] if args.min_reps is None else args.min_reps,
         max_time=preset["max_time"] if args.max_time is None else args.max_time,
         check_len=args.check_len, seed=args.seed,
         preset=("full" if args.full else "quick") + ("+custom" if _customised(args) else ""),
+        second_yardstick=second, note=note,
     )
 
 
@@ -162,6 +206,8 @@ def _structured(args, cfg, parser, argv) -> int:
     for name, value in (("--window", args.window), ("--docs", args.docs)):
         if value is not None and value <= 0:
             parser.error(f"{name} must be positive, got {value}")
+    if args.op != "v1":
+        parser.error(f"--window/--docs time V1's diff_attention only, not --op {args.op}")
     if cfg.batch != 1:
         parser.error("--window/--docs run one row (--batch 1)")
     seq_lens = tuple(args.seq_lens or ((4096,) if args.docs is not None else (8192,)))
@@ -203,6 +249,13 @@ def main(argv: list[str]) -> int:
         if cfg.level != "op":
             parser.error("--op v2 runs at op level only (--level op)")
         methods = build_methods_v2(cfg.level)
+    elif args.op == "gda":
+        from .cases_gda import build_methods_gda
+
+        if cfg.level != "op":
+            parser.error("--op gda runs at op level only (--level op)")
+        ratio = DEFAULT_GDA_RATIO if args.gda_ratio is None else args.gda_ratio
+        methods = build_methods_gda(cfg.level, ratio, args.gda_v1 or "auto")
     else:
         methods = build_methods(cfg.level)
     if args.impls:
@@ -210,7 +263,7 @@ def main(argv: list[str]) -> int:
         unknown = [n for n in args.impls if n not in known]
         if unknown:
             parser.error(f"unknown --impls {unknown}; known here: {known}")
-        wanted = {STANDARD, *args.impls}
+        wanted = {STANDARD, *([cfg.second_yardstick] if cfg.second_yardstick else []), *args.impls}
         methods = [m for m in methods if m.name in wanted]
 
     out_dir = _out_dir(args, cfg.level)

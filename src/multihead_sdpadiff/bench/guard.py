@@ -6,7 +6,8 @@ Tolerance follows what the dtype can do, not a fixed number: the allowed relativ
 dtype (the paper's equation with no upcast at op level; the reference module run in that dtype at
 module level), against the same float64 truth. The truth runs on the very inputs the method gets,
 upcast, so the error is the method's arithmetic, not the rounding of its inputs. Errors are
-``max|out - truth| / max|truth|``.
+``max|out - truth| / max|truth|``. A method may bring its own truth and plain run
+(``Method.truth``; GDA's, ``bench/cases_gda.py``).
 """
 
 from __future__ import annotations
@@ -59,15 +60,17 @@ def _module_truth(case: Case, t: dict, kind: str, dtype: torch.dtype):
     return m
 
 
-def _run_truth(case: Case, kind: str, tensors: dict, dtype: torch.dtype, upcast: bool, grad_out):
+def _run_truth(case: Case, kind: str, tensors: dict, dtype: torch.dtype, upcast: bool, grad_out, truth=None):
     """Output (and input gradients) of the truth (``upcast`` = float64 reference) or of the plain
-    run in ``dtype``, in the canonical layout."""
+    run in ``dtype``, in the canonical layout. ``truth``: the method's own (``Method.truth``)."""
     names = ("q", "k", "v") if case.level == "op" else ("x",)
     leaves = {n: tensors[n].detach().to(dtype).requires_grad_(case.mode == "fwd_bwd") for n in names}
     with torch.enable_grad() if case.mode == "fwd_bwd" else torch.no_grad():
         if case.level == "op":
             q, k, v = leaves["q"], leaves["k"], leaves["v"]
-            if kind == "standard":
+            if truth is not None:
+                out = truth(q, k, v, tensors["lam"].to(dtype), upcast)
+            elif kind == "standard":
                 out = plain_attention(q, k, _standard_v(v))
             elif kind == "diff_v2":
                 from .cases_v2 import v2_truth
@@ -88,7 +91,13 @@ def _run_truth(case: Case, kind: str, tensors: dict, dtype: torch.dtype, upcast:
 
 
 def _truth_kind(method: Method) -> str:
-    return method.kind if method.kind in ("standard", "diff_v2") else "diff"
+    """The kind whose truth and output layout the check uses; a method with its own ``truth`` has
+    V1's output layout ``(B, H, Lq, 2d)``."""
+    if method.kind in ("standard", "diff_v2"):
+        return method.kind
+    if method.kind in ("diff", "peer") or method.truth is not None:
+        return "diff"
+    raise ValueError(f"{method.name}: kind {method.kind!r} has no truth of its own; give the Method a truth")
 
 
 def check_method(method: Method, case: Case, seed: int = 0) -> Verdict:
@@ -109,8 +118,10 @@ def _check(method: Method, case: Case, seed: int) -> Verdict:
                                dtype=torch.float64).to(case.device)
     # Decode: op level draws one query against N keys; module level compares the cached step
     # with the last position of the truth's full pass.
-    truth, truth_grads = _run_truth(case, kind, base, torch.float64, True, grad_out)
-    plain, plain_grads = _run_truth(case, kind, base, case.dtype, False, grad_out)
+    if method.truth is not None and case.level != "op":
+        raise ValueError(f"{method.name}: a method's own truth is for op-level cases, got level {case.level!r}")
+    truth, truth_grads = _run_truth(case, kind, base, torch.float64, True, grad_out, method.truth)
+    plain, plain_grads = _run_truth(case, kind, base, case.dtype, False, grad_out, method.truth)
 
     tensors = _fresh(base, requires_grad=case.mode == "fwd_bwd")
     names = ("q", "k", "v") if case.level == "op" else ("x",)

@@ -16,26 +16,35 @@ def _fmt(value, spec: str) -> str:
 BUSY_SHARE = 0.05
 
 
-def _cells(r: dict) -> list[str]:
+def _cells(r: dict, second: str | None = None) -> list[str]:
     name = r["method"] + (f" ({r['resolved']})" if r.get("resolved") else "")
     if (r.get("foreign_cpu") or 0) > BUSY_SHARE:
         name += " *"
     ms = None if r["median_s"] is None else r["median_s"] * 1e3
     iqr = None if r["iqr_s"] is None else r["iqr_s"] * 1e3
     mib = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
-    return [name, str(r["seq_len"]), r["status"], _fmt(ms, ".3g" if ms is not None and ms < 1 else ".1f"),
-            _fmt(iqr, ".2g"), _fmt(r["ratio"], ".2f"), _fmt(r["gflops"], ".1f"), _fmt(mib, ".1f"),
-            _fmt(r["mem_ratio"], ".2f")]
+    cells = [name, str(r["seq_len"]), r["status"], _fmt(ms, ".3g" if ms is not None and ms < 1 else ".1f"),
+             _fmt(iqr, ".2g"), _fmt(r["ratio"], ".2f"), _fmt(r["gflops"], ".1f"), _fmt(mib, ".1f"),
+             _fmt(r["mem_ratio"], ".2f")]
+    if second:
+        cells.insert(6, _fmt(r.get("ratio_second"), ".2f"))
+    return cells
 
 
-def _table(rows: list[dict]) -> list[str]:
-    body = [_cells(r) for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in body)) for i, (h, _) in enumerate(COLUMNS)]
+def _columns(second: str | None) -> tuple[tuple[str, str], ...]:
+    """COLUMNS, with ``x <second>`` after ``x standard`` when the run has a second yardstick."""
+    return COLUMNS if not second else (*COLUMNS[:6], (f"x {second}", ">"), *COLUMNS[6:])
+
+
+def _table(rows: list[dict], second: str | None = None) -> list[str]:
+    columns = _columns(second)
+    body = [_cells(r, second) for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in body)) for i, (h, _) in enumerate(columns)]
 
     def line(cells):
-        return "  ".join(f"{c:{a}{w}}" for c, (_, a), w in zip(cells, COLUMNS, widths, strict=True)).rstrip()
+        return "  ".join(f"{c:{a}{w}}" for c, (_, a), w in zip(cells, columns, widths, strict=True)).rstrip()
 
-    return [line([h for h, _ in COLUMNS]), line(["-" * w for w in widths]), *map(line, body)]
+    return [line([h for h, _ in columns]), line(["-" * w for w in widths]), *map(line, body)]
 
 
 def format_report(doc: dict) -> str:
@@ -44,6 +53,9 @@ def format_report(doc: dict) -> str:
             f"{env['threads']} threads, B={cfg['batch']} E={cfg['embed_dim']} heads={cfg['num_heads']} "
             f"kv_heads={cfg['num_kv_heads']}; torch {env['torch']}")
     out = [head]
+    if cfg.get("note"):
+        out.append(cfg["note"])
+    second = cfg.get("second_yardstick")
     if env["device"] == "cpu" and _busy(env):
         out.append(f"warning: 1-minute load average {env.get('load_average')} before, {env.get('load_average_end')} "
                    f"after, on {env.get('cpu_count')} CPUs: other processes were running, CPU times are inflated")
@@ -52,7 +64,7 @@ def format_report(doc: dict) -> str:
         # Only what can run here is a table row; a skipped method is listed below with its reason.
         shown = [r for r in rows if r["mode"] == mode and r["status"] != "skipped"]
         out += ["", f"[{mode}]"]
-        out += _table(shown) if shown else ["(nothing ran)"]
+        out += _table(shown, second) if shown else ["(nothing ran)"]
     busy = [r for r in rows if (r.get("foreign_cpu") or 0) > BUSY_SHARE]
     if busy:
         worst = max(r["foreign_cpu"] for r in busy)

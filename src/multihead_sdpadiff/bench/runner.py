@@ -54,6 +54,8 @@ class BenchConfig:
     seed: int = 0
     mem_fraction: float = 0.7  # skip a case whose estimate exceeds this share of free memory
     preset: str = "custom"
+    second_yardstick: str | None = None  # a method every row is also divided by (its own column)
+    note: str = ""  # one line the report prints under its header (what the op's shapes mean)
 
     def case(self, mode: str, seq_len: int) -> Case:
         return Case(self.level, mode, self.batch, seq_len, self.embed_dim, self.num_heads, self.num_kv_heads,
@@ -266,14 +268,22 @@ def _short(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
-def fill_derived(rows: list[dict]) -> None:
-    """Ratio to ``standard`` measured in the same run, GFLOP/s and memory / (q + k + v), in place."""
-    floor = {(r["level"], r["mode"], r["seq_len"]): r["median_s"] for r in rows
-             if r["method"] == STANDARD and r["status"] == "ok"}
+def fill_derived(rows: list[dict], second: str | None = None) -> None:
+    """Ratio to ``standard`` measured in the same run, GFLOP/s and memory / (q + k + v), in place.
+    With ``second`` (a method's name), ``ratio_second`` is the ratio to that method in the same run."""
+    def medians(name):
+        return {(r["level"], r["mode"], r["seq_len"]): r["median_s"] for r in rows
+                if r["method"] == name and r["status"] == "ok"}
+
+    floor = medians(STANDARD)
+    other = medians(second) if second else {}
     for r in rows:
         ok = r["status"] == "ok" and r["median_s"] is not None  # not yet timed: no derived values
-        base = floor.get((r["level"], r["mode"], r["seq_len"]))
+        key = (r["level"], r["mode"], r["seq_len"])
+        base = floor.get(key)
         r["ratio"] = r["median_s"] / base if ok and base else None
+        if second:
+            r["ratio_second"] = r["median_s"] / other[key] if ok and other.get(key) else None
         r["gflops"] = r["flops"] / r["median_s"] / 1e9 if ok and r.get("flops") else None
         measured = r["status"] == "ok" and r.get("peak_bytes") is not None
         r["mem_ratio"] = r["peak_bytes"] / r["qkv_bytes"] if measured else None
@@ -321,7 +331,7 @@ def run_sweep(
         torch.set_num_threads(old_threads)
         if bar is not None:
             bar.close()
-        fill_derived(rows)
+        fill_derived(rows, cfg.second_yardstick)
         doc["env"]["load_average_end"] = _load()
         _write(doc, results_path)
     return doc
@@ -345,7 +355,7 @@ def _run_group(case: Case, methods: list[Method], cfg: BenchConfig, verdicts: di
                     bar.update(1)
             else:
                 pending.append((row, prepared))
-            fill_derived(rows)
+            fill_derived(rows, cfg.second_yardstick)
             _write(doc, results_path)
         _time_group(pending, case, cfg, bar)
     finally:
@@ -354,7 +364,7 @@ def _run_group(case: Case, methods: list[Method], cfg: BenchConfig, verdicts: di
                 row.update(status="interrupted", reason="interrupted before it was timed")
         if bar is not None:
             bar.update(len(pending))
-        fill_derived(rows)
+        fill_derived(rows, cfg.second_yardstick)
         _write(doc, results_path)
 
 
@@ -376,7 +386,7 @@ def _prepare_row(method: Method, case: Case, cfg: BenchConfig, tensors: dict, ve
             row["resolved"] = method.resolve(case)
         score_memory = method.score_memory
         if row["resolved"]:
-            score_memory = msd.ops.get_strategy(row["resolved"]).score_memory
+            score_memory = (method.strategy_of or msd.ops.get_strategy)(row["resolved"]).score_memory
         relative = method.relative_flops(case)
         row["flops"] = case_flops(case, relative) if relative is not None else None
     except Exception as exc:  # noqa: BLE001
