@@ -122,7 +122,7 @@ def _op_args(case=CASES[3], dtype=torch.float32):
     inputs = _prepare(q, k, v, lam.detach().float().requires_grad_(), mask, causal, None)
     lo, hi = cpu_fused.row_intervals(inputs.mask, q.device)
     return (inputs.q, inputs.k, inputs.v, inputs.lam, lo, hi, inputs.mask.tensor, inputs.scale,
-            cpu_fused.BLOCK_ROWS, 4)  # key tiles of 4: several tiles even at these sizes
+            cpu_fused.FWD_BLOCK_ROWS, 4)  # key tiles of 4: several tiles even at these sizes
 
 
 def test_opcheck():
@@ -184,3 +184,31 @@ def test_capability_flags_fall_back():
     tag, flags = cpu_fused.capability_flags("DEFAULT")
     assert tag == "default" and not any(f.startswith("-m") for f in flags)
     assert cpu_fused._load().vec_is_native() == (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+@pytest.mark.parametrize("lq", [1, 3, 40])
+def test_reads_a_preallocated_cache_slice_in_place(lq):
+    """k and v as a KV cache hands them out (a prefix of a longer buffer, so not contiguous) are read
+    in place, not copied, and give the oracle's outputs and gradients."""
+    b, h, hkv, d, lk, cap = 2, 4, 2, 16, 37, 64
+    kbuf, vbuf = torch.randn(b, 2 * hkv, cap, d), torch.randn(b, hkv, cap, 2 * d)
+    k, v = kbuf[:, :, :lk], vbuf[:, :, :lk]
+    assert not k.is_contiguous() and cpu_fused._rows_dense(k) is k and cpu_fused._rows_dense(v) is v
+    q = torch.randn(b, 2 * h, lq, d, requires_grad=True)
+    kl, vl = k.clone().requires_grad_(), v.clone().requires_grad_()
+    lam = torch.tensor([0.2, 0.5, 0.7, 0.4], requires_grad=True)
+    with torch.no_grad():  # the decode path: the kernel without the op's dispatcher
+        got = diff_attention(q, k, v, lam, is_causal=True, impl="cpu_fused")
+    want = oracle_attention(q.double(), k.double(), v.double(), lam.double(), causal=True)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    # With gradients the op path runs on strided leaves of the same layout.
+    ks = kbuf.clone()[:, :, :lk].detach().requires_grad_()
+    vs = vbuf.clone()[:, :, :lk].detach().requires_grad_()
+    assert not ks.is_contiguous()
+    out = diff_attention(q, ks, vs, lam, is_causal=True, impl="cpu_fused")
+    g = torch.randn_like(out)
+    got_g = torch.autograd.grad(out, (q, ks, vs, lam), g)
+    want_out = oracle_attention(q.double(), kl.double(), vl.double(), lam.double(), causal=True)
+    want_g = torch.autograd.grad(want_out, (q, kl, vl, lam), g.double())
+    for name, a, w in zip("qkvλ", got_g, want_g, strict=True):
+        assert (a.double() - w).abs().max() < 1e-5 * (1 + w.abs().max()), name

@@ -198,7 +198,9 @@ inline float exp_row(float* s, int64_t n, int64_t c0, int64_t c1, float sub, flo
 
 struct Geometry {
   int64_t B, H, Hkv, rep, Lq, Lk, d, nq, nblocks, KT;
-  int64_t lo_sb;  // batch stride of lo/hi (0 when shared by the batch)
+  int64_t lo_sb;     // batch stride of lo/hi (0 when shared by the batch)
+  int64_t ksb, ksh;  // batch and head strides of k (its rows are dense: sequence stride d)
+  int64_t vsb, vsh;  // the same for v (sequence stride 2d)
 };
 
 // Query rows [i0, i1) of the block and their stacked rows: row r -> head j = r / nq_b, i = i0 + r % nq_b.
@@ -217,8 +219,8 @@ inline void block_keys(const Geometry& G, const int32_t* lo, const int32_t* hi, 
   if (khi <= klo) klo = khi = 0;
 }
 
-Geometry geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lo, int64_t block_rows,
-                  int64_t key_tile) {
+Geometry geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo,
+                  int64_t block_rows, int64_t key_tile) {
   Geometry G;
   G.B = q.size(0);
   G.H = q.size(1) / 2;
@@ -231,6 +233,10 @@ Geometry geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lo
   G.nblocks = (G.Lq + G.nq - 1) / G.nq;
   G.KT = key_tile;
   G.lo_sb = lo.size(0) == 1 ? 0 : G.Lq;
+  G.ksb = k.stride(0);
+  G.ksh = k.stride(1);
+  G.vsb = v.stride(0);
+  G.vsh = v.stride(1);
   return G;
 }
 
@@ -256,8 +262,14 @@ Mask make_mask(const c10::optional<at::Tensor>& mask_opt, const Geometry& G) {
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lam,
                   const at::Tensor& lo, const at::Tensor& hi) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "cpu_fused: CPU tensors only");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "cpu_fused: q, k, v must be contiguous");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "cpu_fused: q, k, v must be 4-D");
+  // k and v may be slices of a longer buffer (a preallocated KV cache): any batch and head strides,
+  // but each head's rows must be dense.
+  auto rows_dense = [](const at::Tensor& t) {
+    return (t.size(3) <= 1 || t.stride(3) == 1) && (t.size(2) <= 1 || t.stride(2) == t.size(3));
+  };
+  TORCH_CHECK(q.is_contiguous() && rows_dense(k) && rows_dense(v),
+              "cpu_fused: q must be contiguous and k, v dense within each head");
   TORCH_CHECK(lam.scalar_type() == at::kFloat && lam.is_contiguous(), "cpu_fused: lam must be contiguous float32");
   TORCH_CHECK(lo.scalar_type() == at::kInt && hi.scalar_type() == at::kInt && lo.is_contiguous() && hi.is_contiguous(),
               "cpu_fused: lo/hi must be contiguous int32");
@@ -342,9 +354,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         c0s[r] = lo[bi * G.lo_sb + i];
         c1s[r] = hi[bi * G.lo_sb + i];
       }
-      const T* k1 = kp + (bi * 2 * G.Hkv + 2 * g) * Lk * d;
-      const T* k2 = k1 + Lk * d;
-      const T* vg = vp + (bi * G.Hkv + g) * Lk * d2;
+      const T* k1 = kp + bi * G.ksb + 2 * g * G.ksh;
+      const T* k2 = k1 + G.ksh;
+      const T* vg = vp + bi * G.vsb + g * G.vsh;
       const int64_t nt = (khi - klo + KT - 1) / KT;
       const bool small = R < SMALL_ROWS;
       to_float<T>(Q1.data(), Qf.data(), R * d);
@@ -440,7 +452,7 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& lo, const at::Tensor& hi, const c10::optional<at::Tensor>& mask_opt,
                             double scale, int64_t block_rows, int64_t key_tile) {
   check_inputs(q, k, v, lam, lo, hi);
-  Geometry G = geometry(q, k, lo, block_rows, key_tile);
+  Geometry G = geometry(q, k, v, lo, block_rows, key_tile);
   Mask mask = make_mask(mask_opt, G);
   at::Tensor out = at::empty({G.B, G.H, G.Lq, 2 * G.d}, q.options());
   at::Tensor lse = at::empty({G.B, G.H, 4, G.Lq}, q.options().dtype(at::kFloat));  // max1, sum1, max2, sum2
@@ -542,8 +554,8 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       }
       const T* kt1 = ktp + (bi * 2 * G.Hkv + 2 * g) * d * Lk;
       const T* kt2 = kt1 + d * Lk;
-      const T* k1 = kp + (bi * 2 * G.Hkv + 2 * g) * Lk * d;
-      const T* k2 = k1 + Lk * d;
+      const T* k1 = kp + bi * G.ksb + 2 * g * G.ksh;
+      const T* k2 = k1 + G.ksh;
       const T* vtg = vtp + (bi * G.Hkv + g) * d2 * Lk;
       float* dkT1 = dkT + (bi * 2 * G.Hkv + 2 * g) * d * Lk;
       float* dkT2 = dkT1 + d * Lk;
@@ -677,7 +689,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
   check_inputs(q, k, v, lam, lo, hi);
   TORCH_CHECK(dout.is_contiguous() && dout.scalar_type() == q.scalar_type(), "cpu_fused: grad_out must be contiguous, q's dtype");
   TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat, "cpu_fused: lse must be contiguous float32");
-  Geometry G = geometry(q, k, lo, block_rows, key_tile);
+  Geometry G = geometry(q, k, v, lo, block_rows, key_tile);
   Mask mask = make_mask(mask_opt, G);
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), G.B * G.Hkv * G.nblocks));
   at::Tensor dq = at::empty_like(q);
