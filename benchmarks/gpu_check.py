@@ -2,6 +2,7 @@
 
     python gpu_check.py            # correctness + timings
     python gpu_check.py --sweep    # also try a few block configurations
+    python gpu_check.py --no-compile   # without the torch-op / torch.compile checks
 
 Shapes: bf16, B=1, H=6 differential heads (12 q/k maps of width d, 6 value heads
 of width 2d), d in {64, 128}, N in {1024, 2048, 4096, 8192}, causal.
@@ -16,6 +17,12 @@ Correctness:
     C query rows computed alone against all N keys (bottom-right causal, Lq < Lk)
     match the corresponding rows of the full run; (B, L, heads, d)-transposed
     (non-contiguous) inputs match contiguous ones.
+  * the torch ops (d=64, N=1024, skipped with --no-compile): the ops are
+    torch.library.triton_op ops (not the interpreter's custom_op);
+    diff_attention(impl="triton") with gradients (through torch.ops.sdpadiff.triton_fwd/_bwd)
+    agrees with the kernel called directly, and torch.compile(fullgraph=True) (Inductor) of
+    forward+backward with eager, by the same 2x rule; and impl="auto" under
+    torch.compile puts sdpadiff::triton_fwd in the graph (auto keeps triton).
 
 Timing (triton.testing.do_bench): forward and forward+backward against
 torch.nn.functional.scaled_dot_product_attention with 12 heads of width d, causal,
@@ -165,6 +172,48 @@ def check_correctness(d, Ns):
     return ok
 
 
+def check_ops_and_compile(d=64, N=1024):
+    """The strategy through the torch ops, eagerly and under torch.compile(fullgraph=True)."""
+    from multihead_sdpadiff import diff_attention
+
+    ok = True
+    scale = d ** -0.5
+    q, k, v, lam = make(N, d, seed=7)
+    dout = torch.randn(B, H, N, 2 * d, device=DEV, dtype=torch.bfloat16)
+    strategy = lambda q, k, v, lam: diff_attention(q, k, v, lam, is_causal=True, impl="triton")  # noqa: E731
+    eager = fwd_bwd(strategy, q, k, v, lam, dout)  # needs gradients: goes through the ops
+    kind = ft._ops_kind
+    print(f"  ops kind after a differentiable call: {kind} (want triton_op)")
+    ok &= kind == "triton_op"
+    direct = fwd_bwd(lambda *t: triton_diff_attention(*t, None, True, scale), q, k, v, lam, dout)
+    ref = fwd_bwd(lambda *t: sdpa_reference(*t, scale), q, k, v, lam, dout)
+    ref = [ref[0], *ref[1]]
+    # Each within 2x of the error of the other run of the same kernel (see compare).
+    ok &= compare(f"d={d} N={N} strategy vs fp32", [eager[0], *eager[1]], ref, [direct[0], *direct[1]])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(strategy, fullgraph=True)
+    got = fwd_bwd(compiled, q, k, v, lam, dout)
+    ok &= compare(f"d={d} N={N} compiled vs fp32", [got[0], *got[1]], ref, [eager[0], *eager[1]])
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    auto = torch.compile(lambda q, k, v, lam: diff_attention(q, k, v, lam, is_causal=True), fullgraph=True,
+                         backend=capture)
+    fwd_bwd(auto, q, k, v, lam, dout)
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes]
+    kept = any("sdpadiff.triton_fwd" in t for t in targets)
+    print(f"  impl='auto' under torch.compile: sdpadiff::triton_fwd in the graph: {kept}")
+    ok &= kept
+    torch._dynamo.reset()
+    return ok
+
+
 def bench(d, Ns):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
@@ -248,6 +297,7 @@ def main():
     ap.add_argument("--dims", type=int, nargs="*", default=[64, 128])
     ap.add_argument("--Ns", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
     ap.add_argument("--check-Ns", type=int, nargs="*", default=[1024, 4096])
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch-op and torch.compile checks")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a GPU"
     os.environ.pop("TRITON_INTERPRET", None)
@@ -256,6 +306,9 @@ def main():
     for d in args.dims:
         print(f"\n correctness d={d}")
         ok &= check_correctness(d, args.check_Ns)
+    if not args.no_compile:
+        print("\n torch ops and torch.compile(fullgraph=True), d=64 N=1024")
+        ok &= check_ops_and_compile()
     for d in args.dims:
         bench(d, args.Ns)
     if args.sweep:

@@ -3,6 +3,8 @@ N_s separate V1 heads and standard attention. No test asserts a time."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 import multihead_sdpadiff as msd
-from multihead_sdpadiff.bench import Method
+from multihead_sdpadiff.bench import BenchConfig, Method, run_sweep
 from multihead_sdpadiff.bench import cli as bench_cli
 from multihead_sdpadiff.bench.cases import Case, make_tensors
 from multihead_sdpadiff.bench.cases_gda import build_methods_gda, gda_inputs, gda_truth, plain_gda
@@ -60,6 +62,37 @@ def test_report_shows_the_second_ratio_column(gda_run):
 
     text = format_report(gda_run[1])
     assert "x v1_auto" in text and "GDA: N_s=4 signal heads, N_n=2 noise heads (r=2), P=1 kv pairs, d=8" in text
+
+
+def test_report_prints_every_row_with_both_ratios(gda_run):
+    """One table line per (mode, method), each with its two ratio cells, as the results file has them."""
+    from multihead_sdpadiff.bench.report import format_report
+
+    doc = gda_run[1]
+    lines = format_report(doc).splitlines()
+    for mode in ("fwd", "fwd_bwd", "decode"):
+        start = lines.index(f"[{mode}]")
+        header = lines[start + 1].split()
+        assert header[:10] == ["method", "N", "status", "median", "ms", "IQR", "ms", "x", "standard", "x"]
+        body = lines[start + 3:start + 3 + len(_registry_names()) + 2]
+        rows = {r["method"]: r for r in doc["results"] if r["mode"] == mode}
+        assert {line.split()[0] for line in body} == set(rows)
+        for line in body:
+            r = rows[line.split()[0]]
+            cells = line.split()
+            at = cells.index("ok")  # method (resolved) N ok median IQR x-standard x-v1_auto ...
+            assert cells[at + 3:at + 5] == [f"{r['ratio']:.2f}", f"{r['ratio_second']:.2f}"], line
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
+def test_plots_add_the_ratio_to_the_second_yardstick(gda_run, tmp_path):
+    from multihead_sdpadiff.bench.plot import PLOTS, plot_results, plots_of
+
+    doc = gda_run[1]
+    names = [p.name for p in plot_results(doc, tmp_path)]
+    assert names == ["time.png", "ratio.png", "ratio-v1_auto.png", "memory.png"]
+    assert all((tmp_path / n).stat().st_size > 0 for n in names)
+    assert plots_of({**doc, "config": {**doc["config"], "second_yardstick": None}}) == PLOTS  # V1, V2 runs
 
 
 # ---- the guard, with strategies registered in a copy of GDA's registry --------------------------------
@@ -113,6 +146,22 @@ def test_bench_marks_wrong_strategies_and_times_only_correct_ones(registry_copy,
             assert rows[name, mode]["status"] == "ok" and rows[name, mode]["median_s"] > 0, rows[name, mode]
 
 
+def test_a_wrong_yardstick_is_not_timed_and_no_row_is_divided_by_it():
+    methods = build_methods_gda("op", ratio=2)
+    v1 = methods[1]
+    assert v1.name == "v1_auto"
+    methods[1] = dataclasses.replace(v1, run=lambda s: v1.run({**s, "lam": s["lam"] * 0.98}))
+    cfg = BenchConfig(seq_lens=(24,), modes=("fwd", "fwd_bwd"), embed_dim=64, num_heads=8, num_kv_heads=2,
+                      threads=1, min_time=0.0, min_reps=2, max_time=0.2, second_yardstick="v1_auto")
+    doc = run_sweep(cfg, methods, progress=False)
+    for r in doc["results"]:
+        if r["method"] == "v1_auto":
+            assert r["status"] == "wrong" and r["median_s"] is None and "correctness check" in r["reason"]
+        else:
+            assert r["status"] == "ok" and r["ratio"] is not None, r
+        assert r["ratio_second"] is None, r
+
+
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd", "decode"])
 def test_guard_compares_gda_with_the_gda_reference(mode):
     methods = {m.name: m for m in build_methods_gda("op", ratio=2)}
@@ -163,6 +212,49 @@ def test_bench_truth_and_plain_run_match_an_independent_statement(ratio, num_hea
     qs, qn, k, v = gda_inputs(t["q"], t["k"], t["v"], ratio)
     assert qs.is_contiguous() and qn.is_contiguous() and qn.shape[1] == num_heads // 2 // ratio
     torch.testing.assert_close(plain_gda(qs, qn, k, v, t["lam"]), expected, rtol=1e-12, atol=1e-12)
+
+
+def _loop_separate_heads(q, k, v, lam):
+    """N_s differential heads, each with its own signal map 2j and noise map 2j + 1 of V1's q, kv
+    pair p = j·P / N_s; float64. Returns (B, N_s, Lq, 2d)."""
+    q, k, v, lam = (t.to(torch.float64) for t in (q, k, v, lam))
+    b, two_ns, lq, d = q.shape
+    ns, pairs, lk = two_ns // 2, k.shape[1] // 2, k.shape[2]
+    vis = _visible(lq, lk, causal=True)
+    out = torch.zeros(b, ns, lq, 2 * d, dtype=torch.float64)
+    for bi in range(b):
+        for j in range(ns):
+            p = j * pairs // ns
+            a_sig = softmax_visible(q[bi, 2 * j] @ k[bi, 2 * p].T / math.sqrt(d), vis)
+            a_noise = softmax_visible(q[bi, 2 * j + 1] @ k[bi, 2 * p + 1].T / math.sqrt(d), vis)
+            out[bi, j] = (a_sig - lam[j] * a_noise) @ v[bi, p]
+    return out
+
+
+@pytest.mark.parametrize("v1_impl", ["auto", "chunked", "reference"])
+@pytest.mark.parametrize("mode", ["fwd", "decode"])
+def test_the_v1_yardstick_is_ns_heads_each_with_its_own_noise_map(v1_impl, mode):
+    """The yardstick computes N_s full differential heads on the case's tensors: the GDA rows' signal
+    maps, plus a noise map per head where GDA reads only every r-th. A noise map GDA does not read
+    changes the yardstick's output and not GDA's."""
+    ratio = 2
+    case = Case("op", mode, 1, 19, 64, 8, 2, torch.float64, "cpu")  # N_s = 4, N_n = 2, P = 1
+    methods = {m.name: m for m in build_methods_gda("op", ratio=ratio, v1_impl=v1_impl)}
+    v1 = methods[f"v1_{v1_impl}"]
+    assert not v1.unavailable(case)
+    t = make_tensors(case, seed=5)
+    got = v1.run(v1.prepare(case, t))
+    assert got.shape == (1, 4, case.q_len, 16)
+    torch.testing.assert_close(got, _loop_separate_heads(t["q"], t["k"], t["v"], t["lam"]), rtol=1e-10, atol=1e-10)
+
+    unread = 2 * 1 + 1  # head 1's noise map: GDA (r = 2) reads noise maps 1 and 5 only
+    t2 = {**t, "q": t["q"].clone()}
+    t2["q"][:, unread] += 1.0
+    v1_diff = (v1.run(v1.prepare(case, t2)) - got).abs().amax(dim=(0, 2, 3))
+    assert v1_diff[1] > 1e-6 and torch.all(v1_diff[[0, 2, 3]] == 0)
+    truth = gda_truth(ratio)
+    torch.testing.assert_close(truth(t2["q"], t2["k"], t2["v"], t2["lam"], True),
+                               truth(t["q"], t["k"], t["v"], t["lam"], True), rtol=0, atol=0)
 
 
 def test_at_r1_the_gda_case_is_the_v1_case():

@@ -240,7 +240,11 @@ def attend(op, op_varlen, q, k, v, lam, *, attn_mask, causal, window, scale, imp
     the one packed row ``B = 1`` with ``cu_seqlens`` (``lam`` per token ``(1, H, L)`` for V2).
     Returns ``(B, H, L, width)``."""
     if cu_seqlens is None:
-        extra = {"window": window} if window is not None else {}  # ops swapped in by parallel.py take no window
+        # ``window`` is passed only when set (an ``_attend`` without that keyword runs unwindowed
+        # layers). context_parallel's ``_attend`` (parallel.py) takes ``window``, and it runs packed
+        # documents too: its pre-hook takes ``cu_seqlens`` out of the layer's call and hands the
+        # documents to it, so under context parallelism this branch runs, packed or not.
+        extra = {"window": window} if window is not None else {}
         return op(q, k, v, lam, attn_mask=attn_mask, is_causal=causal, scale=scale, impl=impl, **extra)
     longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     if isinstance(lam, torch.Tensor) and lam.dim() == 3:

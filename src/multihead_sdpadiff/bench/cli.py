@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="sdpadiff bench",
         description="Time every strategy in multihead_sdpadiff.IMPLS (after checking it against the float64 "
                     "reference) against standard causal attention of the same width and transformers' "
-                    "DiffLlamaAttention. Writes results.json and plots under --out. "
+                    "DiffLlamaAttention; --op v2 and --op gda time V2's and GDA's strategies instead "
+                    "(GDA also against N_s separate differential heads, with a second ratio column). "
+                    "Writes results.json and plots under --out. "
                     "`sdpadiff bench plot FILE` redraws the plots (and the table) from a results file.",
     )
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")

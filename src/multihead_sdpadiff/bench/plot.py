@@ -1,5 +1,6 @@
-"""Plots drawn from a results file, never from live numbers: time, ratio to standard, peak memory,
-each against sequence length, one panel per mode. matplotlib is optional and imported here only."""
+"""Plots drawn from a results file, never from live numbers: time, ratio to standard (and to a
+second yardstick when the run has one), peak memory, each against sequence length, one panel per
+mode. matplotlib is optional and imported here only."""
 
 from __future__ import annotations
 
@@ -29,8 +30,19 @@ def is_busy(r: dict) -> bool:
     return (r.get("foreign_cpu") or 0) > BUSY_SHARE
 
 
+def plots_of(doc: dict) -> tuple:
+    """:data:`PLOTS`, plus ``ratio-<name>`` (time / that method's, ``ratio_second``) when the run
+    has a second yardstick (``--op gda``: ``v1_auto``), in the order they are drawn."""
+    second = doc["config"].get("second_yardstick")
+    if not second:
+        return PLOTS
+    return (*PLOTS[:2], (f"ratio-{second}", f"time / {second} (same run)", lambda r: r["ratio_second"], 2),
+            *PLOTS[2:])
+
+
 def plot_results(doc: dict, out_dir: str | Path) -> list[Path]:
-    """Write ``time.png``, ``ratio.png`` and ``memory.png`` into ``out_dir``; returns their paths.
+    """Write ``time.png``, ``ratio.png`` and ``memory.png`` into ``out_dir`` (and, with a second
+    yardstick, ``ratio-<name>.png``: see :func:`plots_of`); returns their paths.
 
     Points timed under load (the table's ``*`` rows) are circled in red, with a legend entry."""
     if not have_matplotlib():
@@ -43,7 +55,7 @@ def plot_results(doc: dict, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, ylabel, value, log_base in PLOTS:
+    for name, ylabel, value, log_base in plots_of(doc):
         fig = make_figure(doc, name, ylabel, value, log_base)
         path = out_dir / f"{name}.png"
         fig.savefig(path, dpi=90, bbox_inches="tight")
@@ -63,6 +75,8 @@ def make_figure(doc: dict, name: str, ylabel: str, value, log_base: int):
     env, cfg = doc["env"], doc["config"]
     title = (f"{cfg['level']} level, {env['device_name']}, {env['dtype']}, {env['threads']} threads, "
              f"B={cfg['batch']} E={cfg['embed_dim']} heads={cfg['num_heads']}/{cfg['num_kv_heads']}")
+    if cfg.get("note"):  # what the heads mean for this op (--op gda)
+        title += f"\n{cfg['note']}"
     timed = name != "memory"  # load inflates times, not peak memory
     busy_rows = [r for r in rows if timed and is_busy(r) and _has(r, name)]
     if busy_rows:
@@ -107,5 +121,5 @@ def make_figure(doc: dict, name: str, ylabel: str, value, log_base: int):
 
 
 def _has(r: dict, name: str) -> bool:
-    key = {"time": "median_s", "ratio": "ratio", "memory": "peak_bytes"}[name]
+    key = {"time": "median_s", "ratio": "ratio", "memory": "peak_bytes"}.get(name, "ratio_second")
     return r.get(key) is not None
