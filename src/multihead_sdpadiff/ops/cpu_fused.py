@@ -30,7 +30,7 @@ import torch
 
 from ..masks import AttentionMask
 
-__all__ = ["DTYPES", "build", "cpu_fused", "library_path", "not_supported_reasons", "row_intervals"]
+__all__ = ["DTYPES", "build", "cpu_fused", "cpu_fused_grouped", "library_path", "not_supported_reasons", "row_intervals"]
 
 _log = logging.getLogger(__name__)
 
@@ -191,6 +191,58 @@ def _backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd("sdpadiff::cpu_fused_fwd", _backward, setup_context=_setup_context)
 
 
+# Grouped differential attention (GDA): N_s signal queries and N_n noise queries, one noise softmax
+# per noise head shared by its r = N_s / N_n signal heads. The same kernel, with r > 1.
+
+
+@torch.library.custom_op("sdpadiff::cpu_fused_gda_fwd", mutates_args=(), device_types="cpu")
+def _gda_fwd(qs: torch.Tensor, qn: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
+             lo: torch.Tensor, hi: torch.Tensor, mask: torch.Tensor | None, scale: float, block_rows: int,
+             key_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _load().gda_fwd(qs, qn, k, v, lam, lo, hi, mask, scale, block_rows, key_tile)
+    return out, lse
+
+
+@_gda_fwd.register_fake
+def _(qs, qn, k, v, lam, lo, hi, mask, scale, block_rows, key_tile):
+    b, ns, lq, d = qs.shape
+    return qs.new_empty(b, ns, lq, 2 * d), qs.new_empty(b, ns + qn.shape[1], 2, lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("sdpadiff::cpu_fused_gda_bwd", mutates_args=(), device_types="cpu")
+def _gda_bwd(grad_out: torch.Tensor, qs: torch.Tensor, qn: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             lam: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, mask: torch.Tensor | None, lse: torch.Tensor,
+             scale: float, block_rows: int,
+             key_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dqs, dqn, dk, dv, dlam = _load().gda_bwd(grad_out, qs, qn, k, v, lam, lo, hi, mask, lse, scale, block_rows,
+                                             key_tile)
+    return dqs, dqn, dk, dv, dlam
+
+
+@_gda_bwd.register_fake
+def _(grad_out, qs, qn, k, v, lam, lo, hi, mask, lse, scale, block_rows, key_tile):
+    return (qs.new_empty(qs.shape), qn.new_empty(qn.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            lam.new_empty(lam.shape))
+
+
+def _gda_setup_context(ctx, inputs, output):
+    qs, qn, k, v, lam, lo, hi, mask, scale, block_rows, key_tile = inputs
+    ctx.save_for_backward(qs, qn, k, v, lam, lo, hi, output[1], *(() if mask is None else (mask,)))
+    ctx.has_mask = mask is not None
+    ctx.args = (scale, BWD_BLOCK_ROWS, key_tile)
+
+
+def _gda_backward(ctx, grad_out, grad_lse):
+    qs, qn, k, v, lam, lo, hi, lse, *rest = ctx.saved_tensors
+    mask = rest[0] if ctx.has_mask else None
+    grads = torch.ops.sdpadiff.cpu_fused_gda_bwd(grad_out.contiguous(), qs, qn, k, v, lam, lo, hi, mask, lse,
+                                                 *ctx.args)
+    return (*grads, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("sdpadiff::cpu_fused_gda_fwd", _gda_backward, setup_context=_gda_setup_context)
+
+
 # ------------------------------------------------------------------------------------------------
 # The strategy
 # ------------------------------------------------------------------------------------------------
@@ -238,18 +290,43 @@ def _rows_dense(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def cpu_fused(q, k, v, lam, mask: AttentionMask, scale: float) -> torch.Tensor:
-    """Differential attention through the fused CPU kernel; see the module docstring."""
-    lo, hi = row_intervals(mask, q.device)
+def _kernel_mask(mask: AttentionMask) -> torch.Tensor | None:
     m = mask.tensor
     if m is not None and m.dtype != torch.bool and m.dtype != torch.float32:
         m = m.float()  # the kernel adds float32 scores
+    return m
+
+
+def _direct(tensors) -> bool:
+    """Eager with nothing to differentiate (inference, decoding): call the kernel itself. The op's
+    dispatcher and autograd wrapper cost tens of microseconds, much of a decode step."""
+    return not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def cpu_fused(q, k, v, lam, mask: AttentionMask, scale: float) -> torch.Tensor:
+    """Differential attention through the fused CPU kernel; see the module docstring."""
+    lo, hi = row_intervals(mask, q.device)
     lam = lam.to(torch.float32).contiguous()
-    args = (q.contiguous(), _rows_dense(k), _rows_dense(v), lam, lo, hi, m, float(scale), FWD_BLOCK_ROWS, KEY_TILE)
-    if not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lam))):
-        # Eager with nothing to differentiate (inference, decoding): call the kernel itself. The
-        # op's dispatcher and autograd wrapper cost tens of microseconds, much of a decode step.
+    args = (q.contiguous(), _rows_dense(k), _rows_dense(v), lam, lo, hi, _kernel_mask(mask), float(scale),
+            FWD_BLOCK_ROWS, KEY_TILE)
+    if _direct((q, k, v, lam)):
         return _load().fwd(*args)[0]
     out, _ = torch.ops.sdpadiff.cpu_fused_fwd(*args)
+    return out
+
+
+def cpu_fused_grouped(qs, qn, k, v, lam, mask: AttentionMask, scale: float) -> torch.Tensor:
+    """Grouped differential attention through the same kernel: signal queries ``qs (B, N_s, Lq, d)``,
+    noise queries ``qn (B, N_n, Lq, d)``, ``k (B, 2P, Lk, d)``, ``v (B, P, Lk, 2d)``, ``lam (N_s,)``
+    and a mask over ``(B, N_n, Lq, Lk)``; returns ``(B, N_s, Lq, 2d)``. Each noise softmax is
+    computed once per query block and subtracted from its ``r`` signal heads' maps before the one
+    product with v; the backward collects the ``r`` signal heads' share of each noise map."""
+    lo, hi = row_intervals(mask, qs.device)
+    lam = lam.to(torch.float32).contiguous()
+    args = (qs.contiguous(), qn.contiguous(), _rows_dense(k), _rows_dense(v), lam, lo, hi, _kernel_mask(mask),
+            float(scale), FWD_BLOCK_ROWS, KEY_TILE)
+    if _direct((qs, qn, k, v, lam)):
+        return _load().gda_fwd(*args)[0]
+    out, _ = torch.ops.sdpadiff.cpu_fused_gda_fwd(*args)
     return out

@@ -13,8 +13,9 @@ key) pair is ``(6 + 2/r)·d`` per signal head (signal QKᵀ, 1/r of a noise QK�
 value of width 2d) against ``8·d`` for ``r`` separate differential heads.
 
 The strategies live in their own registry (like V2's): V1's tests iterate V1's registry with V1's
-shapes. ``cpu_fused`` (a fused C++ kernel for V1) does not exist for GDA; ``reference`` and
-``chunked`` are the exact strategies.
+shapes. The exact strategies are ``reference``, ``chunked`` (PyTorch ops, any dtype) and
+``cpu_fused`` (V1's fused C++ kernel with ``r`` signal rows per noise row; float32, bfloat16 and
+float16 on CPU), which ``auto`` takes first on CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..masks import AttentionMask, prepare_mask
+from . import cpu_fused as _cpu_fused
 from .reference import softmax_or_zero
 from .registry import FLOAT_DTYPES as _FLOAT
 from .registry import AutoRule, OpInputs, Registry, Strategy, check_qkv, check_scale
@@ -265,10 +267,21 @@ REGISTRY_GROUPED.register(Strategy(
     flops=(6 + 2 / 4) / 8, score_memory="O(block*N)", dtypes=_FLOAT, compilable=False, check=_mask_needs_no_grad,
     notes="Block size: SDPADIFF_CHUNK rows if set, else ~2M score elements per map kind."))
 
+REGISTRY_GROUPED.register(Strategy(
+    "cpu_fused", _cpu_fused.cpu_fused_grouped,
+    "fused C++ CPU kernel: each noise softmax once per query block, A_sig - lam*A_noise per key tile, "
+    "one product with v; recomputing backward",
+    flops=(6 + 2 / 4) / 8, score_memory="O(block*N)", devices=frozenset({"cpu"}), dtypes=_cpu_fused.DTYPES,
+    check=lambda i: _mask_needs_no_grad(i) + _cpu_fused.not_supported_reasons(),
+    notes="V1's kernel with r signal rows per noise row (r = 1 is V1). Compiled on first use; float64 "
+          "stays on chunked."))
+
 #: Names accepted by ``grouped_diff_attention(impl=...)`` and ``GroupedDiffAttn(impl=...)``.
 IMPLS_GROUPED: tuple[str, ...] = REGISTRY_GROUPED.names()
 
 REGISTRY_GROUPED.rules = (
+    AutoRule("cpu_fused", "CPU: the fused kernel, each noise softmax once, (6 + 2/r)/8 of the FLOPs of r "
+             "separate differential heads", device="cpu"),
     AutoRule("chunked", "exact at (6 + 2/r)/8 of the FLOPs of r separate differential heads, O(block * N) memory"),
 )
 
@@ -345,7 +358,8 @@ def grouped_diff_attention(
         is_causal: also apply the causal mask, aligned bottom-right: query ``j`` sees keys
             ``t <= j + Lk - Lq`` (right for a KV cache).
         scale: score scale, default ``d ** -0.5``.
-        impl: a name from :data:`IMPLS_GROUPED`; ``"auto"`` picks ``"chunked"``. A named strategy
+        impl: a name from :data:`IMPLS_GROUPED`; ``"auto"`` picks ``"cpu_fused"`` on CPU where it can
+            run (float32, bfloat16, float16), else ``"chunked"``. A named strategy
             that cannot run the inputs raises a ValueError with its reasons.
 
     A query row that may see no key returns zeros.

@@ -38,6 +38,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -196,15 +197,23 @@ inline float exp_row(float* s, int64_t n, int64_t c0, int64_t c1, float sub, flo
   return sum;
 }
 
+// The heads of a call. Each kv group (pair) g holds rep signal heads j = g * rep + jl and rep2 noise
+// heads n = g * rep2 + nl; signal head j subtracts noise head j / r (r = rep / rep2). V1 is r = 1:
+// head h's second map is its noise map. GDA (grouped differential attention) has r > 1: one noise
+// softmax serves r signal heads. The dense mask is indexed by the noise head (V1: the head).
 struct Geometry {
-  int64_t B, H, Hkv, rep, Lq, Lk, d, nq, nblocks, KT;
+  int64_t B, H, Nn, Hkv, rep, rep2, r, Lq, Lk, d, nq, nblocks, KT;
   int64_t lo_sb;     // batch stride of lo/hi (0 when shared by the batch)
   int64_t ksb, ksh;  // batch and head strides of k (its rows are dense: sequence stride d)
   int64_t vsb, vsh;  // the same for v (sequence stride 2d)
+  // Query row i of signal head j starts at q1 + bi * q1b + j * q1h + i * d (noise: q2, q2b, q2h);
+  // the same offsets locate dq. Its statistics (max, then sum, Lq apart) start at
+  // lse + bi * lsb + j * ls1h + ls1o + i (noise: ls2h, ls2o).
+  int64_t q1b, q1h, q2b, q2h;
+  int64_t lsb, ls1h, ls1o, ls2h, ls2o;
 };
 
-// Query rows [i0, i1) of the block and their stacked rows: row r -> head j = r / nq_b, i = i0 + r % nq_b.
-// The key range of the block: [klo, khi) = union of its rows' intervals.
+// The key range of the query rows [i0, i1) of a block: [klo, khi) = union of their intervals.
 inline void block_keys(const Geometry& G, const int32_t* lo, const int32_t* hi, int64_t bi, int64_t i0,
                        int64_t i1, int64_t& klo, int64_t& khi) {
   klo = G.Lk;
@@ -219,16 +228,20 @@ inline void block_keys(const Geometry& G, const int32_t* lo, const int32_t* hi, 
   if (khi <= klo) klo = khi = 0;
 }
 
-Geometry geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo,
-                  int64_t block_rows, int64_t key_tile) {
+// Sizes shared by both layouts: signal heads H, noise heads Nn, kv pairs Hkv.
+Geometry geometry(int64_t H, int64_t Nn, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo,
+                  int64_t Lq, int64_t d, int64_t block_rows, int64_t key_tile) {
   Geometry G;
-  G.B = q.size(0);
-  G.H = q.size(1) / 2;
-  G.Lq = q.size(2);
-  G.d = q.size(3);
+  G.B = k.size(0);
+  G.H = H;
+  G.Nn = Nn;
+  G.Lq = Lq;
+  G.d = d;
   G.Hkv = k.size(1) / 2;
   G.Lk = k.size(2);
   G.rep = G.H / G.Hkv;
+  G.rep2 = G.Nn / G.Hkv;
+  G.r = G.H / G.Nn;
   G.nq = std::max<int64_t>(1, std::min<int64_t>(G.Lq, block_rows / G.rep));
   G.nblocks = (G.Lq + G.nq - 1) / G.nq;
   G.KT = key_tile;
@@ -237,6 +250,35 @@ Geometry geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   G.ksh = k.stride(1);
   G.vsb = v.stride(0);
   G.vsh = v.stride(1);
+  return G;
+}
+
+// V1: q (B, 2H, Lq, d) with head h's maps at 2h and 2h + 1; lse (B, H, 4, Lq).
+Geometry geometry_v1(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo,
+                     int64_t block_rows, int64_t key_tile) {
+  const int64_t H = q.size(1) / 2, Lq = q.size(2), d = q.size(3);
+  Geometry G = geometry(H, H, k, v, lo, Lq, d, block_rows, key_tile);
+  G.q1b = G.q2b = 2 * H * Lq * d;
+  G.q1h = G.q2h = 2 * Lq * d;
+  G.lsb = 4 * H * Lq;
+  G.ls1h = G.ls2h = 4 * Lq;
+  G.ls1o = 0;
+  G.ls2o = 2 * Lq;
+  return G;
+}
+
+// GDA: signal queries (B, H, Lq, d), noise queries (B, Nn, Lq, d); lse (B, H + Nn, 2, Lq).
+Geometry geometry_gda(const at::Tensor& qs, const at::Tensor& qn, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& lo, int64_t block_rows, int64_t key_tile) {
+  const int64_t H = qs.size(1), Nn = qn.size(1), Lq = qs.size(2), d = qs.size(3);
+  Geometry G = geometry(H, Nn, k, v, lo, Lq, d, block_rows, key_tile);
+  G.q1b = H * Lq * d;
+  G.q2b = Nn * Lq * d;
+  G.q1h = G.q2h = Lq * d;
+  G.lsb = 2 * (H + Nn) * Lq;
+  G.ls1h = G.ls2h = 2 * Lq;
+  G.ls1o = 0;
+  G.ls2o = 2 * H * Lq;
   return G;
 }
 
@@ -249,7 +291,7 @@ Mask make_mask(const c10::optional<at::Tensor>& mask_opt, const Geometry& G) {
   TORCH_CHECK(mask.kind == 1 || m.scalar_type() == at::kFloat, "cpu_fused: mask must be bool or float32");
   auto stride = [&](int dim, int64_t full) { return m.size(dim) == 1 && full != 1 ? 0 : m.stride(dim); };
   mask.sb = stride(0, G.B);
-  mask.sh = stride(1, G.H);
+  mask.sh = stride(1, G.Nn);
   mask.sq = stride(2, G.Lq);
   mask.sk = stride(3, G.Lk);
   if (mask.kind == 1)
@@ -259,21 +301,27 @@ Mask make_mask(const c10::optional<at::Tensor>& mask_opt, const Geometry& G) {
   return mask;
 }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lam,
-                  const at::Tensor& lo, const at::Tensor& hi) {
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "cpu_fused: CPU tensors only");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "cpu_fused: q, k, v must be 4-D");
-  // k and v may be slices of a longer buffer (a preallocated KV cache): any batch and head strides,
-  // but each head's rows must be dense.
-  auto rows_dense = [](const at::Tensor& t) {
-    return (t.size(3) <= 1 || t.stride(3) == 1) && (t.size(2) <= 1 || t.stride(2) == t.size(3));
-  };
-  TORCH_CHECK(q.is_contiguous() && rows_dense(k) && rows_dense(v),
-              "cpu_fused: q must be contiguous and k, v dense within each head");
+bool rows_dense(const at::Tensor& t) {
+  return t.numel() == 0 || ((t.size(3) <= 1 || t.stride(3) == 1) && (t.size(2) <= 1 || t.stride(2) == t.size(3)));
+}
+
+// k and v may be slices of a longer buffer (a preallocated KV cache): any batch and head strides,
+// but each head's rows must be dense. Query tensors must be contiguous.
+void check_inputs(std::initializer_list<const at::Tensor*> qs, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& lam, const at::Tensor& lo, const at::Tensor& hi) {
+  for (const at::Tensor* q : qs) {
+    TORCH_CHECK(q->device().is_cpu() && q->dim() == 4 && q->is_contiguous(), "cpu_fused: queries must be contiguous 4-D CPU tensors");
+    TORCH_CHECK(q->scalar_type() == k.scalar_type(), "cpu_fused: q, k, v must have one dtype");
+    TORCH_CHECK(lo.dim() == 2 && lo.size(1) == q->size(2), "cpu_fused: lo/hi must be (1|B, Lq)");
+  }
+  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu(), "cpu_fused: CPU tensors only");
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4, "cpu_fused: k, v must be 4-D");
+  TORCH_CHECK(rows_dense(k) && rows_dense(v), "cpu_fused: k and v must be dense within each head");
+  TORCH_CHECK(v.scalar_type() == k.scalar_type(), "cpu_fused: q, k, v must have one dtype");
   TORCH_CHECK(lam.scalar_type() == at::kFloat && lam.is_contiguous(), "cpu_fused: lam must be contiguous float32");
   TORCH_CHECK(lo.scalar_type() == at::kInt && hi.scalar_type() == at::kInt && lo.is_contiguous() && hi.is_contiguous(),
               "cpu_fused: lo/hi must be contiguous int32");
-  TORCH_CHECK(lo.dim() == 2 && lo.sizes() == hi.sizes() && lo.size(1) == q.size(2), "cpu_fused: lo/hi must be (1|B, Lq)");
+  TORCH_CHECK(lo.sizes() == hi.sizes(), "cpu_fused: lo/hi must be (1|B, Lq)");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -281,12 +329,11 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // ------------------------------------------------------------------------------------------------
 
 template <typename T>
-void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lam,
+void forward_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lam,
                     const at::Tensor& lo_t, const at::Tensor& hi_t, const Mask& mask, double scale_d,
                     const Geometry& G, at::Tensor& out, at::Tensor& lse) {
   const int64_t d = G.d, d2 = 2 * d, Lq = G.Lq, Lk = G.Lk, KT = G.KT;
   const float scale = static_cast<float>(scale_d);
-  const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   const float* lamp = lam.data_ptr<float>();
@@ -295,7 +342,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   T* op = out.data_ptr<T>();
   float* lsep = lse.data_ptr<float>();
   const int64_t ntasks = G.B * G.Hkv * G.nblocks;
-  const int64_t Rmax = G.rep * G.nq;
+  const int64_t R1max = G.rep * G.nq, R2max = G.rep2 * G.nq;
   // k transposed once, in float32, as the B operand of Q K^T: (B, 2Hkv, d, Lk). Decode steps
   // (fewer stacked rows than SMALL_ROWS in every block) read k in place instead.
   at::Tensor kt;
@@ -306,144 +353,158 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   }
 
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
-    // Per-thread scratch: packed q rows, both maps' exps over the block's whole key range, tile stats.
-    const int64_t ntiles_max = (Lk + KT - 1) / KT;
-    // Score buffers are tile-major: tile t's R x KT block is contiguous (row stride KT), so each
-    // pass streams one block instead of R rows a whole key range apart.
-    const int64_t ldE = KT, ntiles_all = (Lk + KT - 1) / KT;
-    std::vector<T> Q1(Rmax * d), Q2(Rmax * d);
-    std::vector<float> E1(Rmax * ntiles_all * KT), E2(Rmax * ntiles_all * KT);
-    std::vector<float> m1(Rmax * ntiles_max), l1(Rmax * ntiles_max), m2(Rmax * ntiles_max), l2(Rmax * ntiles_max);
-    std::vector<float> O(Rmax * d2), f1(Rmax), f2(Rmax), M1(Rmax), M2(Rmax), L1(Rmax), L2(Rmax);
+    // Per-thread scratch: packed q rows, both maps' exps over the block's whole key range, tile
+    // stats. Score buffers are tile-major: tile t's R x KT block is contiguous (row stride KT), so
+    // each pass streams one block instead of R rows a whole key range apart.
+    const int64_t ldE = KT, ntiles = (Lk + KT - 1) / KT;
+    std::vector<T> Q1(R1max * d), Q2(R2max * d);
+    std::vector<float> E1(R1max * ntiles * KT), E2(R2max * ntiles * KT);
+    std::vector<float> m1(R1max * ntiles), l1(R1max * ntiles), m2(R2max * ntiles), l2(R2max * ntiles);
+    std::vector<float> O(R1max * d2), M1(R1max), L1(R1max), M2(R2max), L2(R2max);
     // The forward's GEMMs all run in float32: bf16/half q rows and k/v tiles are converted once per
     // tile (O(tile) work against the tile's O(rows * tile * d) products), which is both faster than
     // the low-precision GEMM here and keeps A1 - lam A2 in float32 for the product with v.
     constexpr bool is_f32 = std::is_same<T, float>::value;
     std::vector<float> Vf(is_f32 ? 0 : KT * d2);
-    std::vector<float> Qf(Rmax * 2 * d), row(d2);  // q rows in float; one converted k/v row
-    std::vector<int64_t> c0s(Rmax), c1s(Rmax);
+    std::vector<float> Qf((R1max + R2max) * d), row(d2);  // q rows in float; one converted k/v row
+    std::vector<int64_t> c0s(G.nq), c1s(G.nq);
 
     for (int64_t task = begin; task < end; task++) {
       const int64_t blk = task % G.nblocks;
       const int64_t g = (task / G.nblocks) % G.Hkv;
       const int64_t bi = task / (G.nblocks * G.Hkv);
       const int64_t i0 = blk * G.nq, i1 = std::min(Lq, i0 + G.nq), nqb = i1 - i0;
-      const int64_t R = G.rep * nqb;
+      const int64_t R1 = G.rep * nqb, R2 = G.rep2 * nqb;
       int64_t klo, khi;
       block_keys(G, lo, hi, bi, i0, i1, klo, khi);
-      auto out_row = [&](int64_t r) {
-        int64_t h = g * G.rep + r / nqb, i = i0 + r % nqb;
-        return op + ((bi * G.H + h) * Lq + i) * d2;
-      };
-      auto lse_row = [&](int64_t r, int64_t map) {
-        int64_t h = g * G.rep + r / nqb, i = i0 + r % nqb;
-        return lsep + ((bi * G.H + h) * 4 + map) * Lq + i;
-      };
+      // Stacked row r of map 1 is signal head j = g * rep + r / nqb, query i0 + r % nqb; row r of
+      // map 2 is noise head g * rep2 + r / nqb. Signal row r reads noise row noise_of(r).
+      auto sig = [&](int64_t r) { return g * G.rep + r / nqb; };
+      auto noi = [&](int64_t r) { return g * G.rep2 + r / nqb; };
+      auto noise_of = [&](int64_t r) { return (r / nqb) / G.r * nqb + r % nqb; };
+      auto lse1 = [&](int64_t r) { return lsep + bi * G.lsb + sig(r) * G.ls1h + G.ls1o + i0 + r % nqb; };
+      auto lse2 = [&](int64_t r) { return lsep + bi * G.lsb + noi(r) * G.ls2h + G.ls2o + i0 + r % nqb; };
+      auto out_row = [&](int64_t r) { return op + ((bi * G.H + sig(r)) * Lq + i0 + r % nqb) * d2; };
       if (khi <= klo) {  // no row of this block sees any key
-        for (int64_t r = 0; r < R; r++) {
+        for (int64_t r = 0; r < R1; r++) {
           std::fill_n(out_row(r), d2, T(0));
-          *lse_row(r, 0) = *lse_row(r, 2) = NEG_INF;
-          *lse_row(r, 1) = *lse_row(r, 3) = 0.f;
+          lse1(r)[0] = NEG_INF;
+          lse1(r)[Lq] = 0.f;
+        }
+        for (int64_t r = 0; r < R2; r++) {
+          lse2(r)[0] = NEG_INF;
+          lse2(r)[Lq] = 0.f;
         }
         continue;
       }
-      for (int64_t r = 0; r < R; r++) {
-        int64_t h = g * G.rep + r / nqb, i = i0 + r % nqb;
-        std::copy_n(qp + ((bi * 2 * G.H + 2 * h) * Lq + i) * d, d, Q1.data() + r * d);
-        std::copy_n(qp + ((bi * 2 * G.H + 2 * h + 1) * Lq + i) * d, d, Q2.data() + r * d);
-        c0s[r] = lo[bi * G.lo_sb + i];
-        c1s[r] = hi[bi * G.lo_sb + i];
+      for (int64_t i = i0; i < i1; i++) {
+        c0s[i - i0] = lo[bi * G.lo_sb + i];
+        c1s[i - i0] = hi[bi * G.lo_sb + i];
       }
+      for (int64_t r = 0; r < R1; r++)
+        std::copy_n(q1p + bi * G.q1b + sig(r) * G.q1h + (i0 + r % nqb) * d, d, Q1.data() + r * d);
+      for (int64_t r = 0; r < R2; r++)
+        std::copy_n(q2p + bi * G.q2b + noi(r) * G.q2h + (i0 + r % nqb) * d, d, Q2.data() + r * d);
       const T* k1 = kp + bi * G.ksb + 2 * g * G.ksh;
       const T* k2 = k1 + G.ksh;
       const T* vg = vp + bi * G.vsb + g * G.vsh;
       const int64_t nt = (khi - klo + KT - 1) / KT;
-      const bool small = R < SMALL_ROWS;
-      to_float<T>(Q1.data(), Qf.data(), R * d);
-      to_float<T>(Q2.data(), Qf.data() + R * d, R * d);
+      const bool small = R1 < SMALL_ROWS;
+      float* Qf1 = Qf.data();
+      float* Qf2 = Qf.data() + R1 * d;
+      to_float<T>(Q1.data(), Qf1, R1 * d);
+      to_float<T>(Q2.data(), Qf2, R2 * d);
 
-      // Scores and exps, tile by tile, relative to each tile's row max.
-      for (int64_t t = 0; t < nt; t++) {
-        const int64_t t0 = klo + t * KT, t1 = std::min(khi, t0 + KT), n = t1 - t0;
-        float* e1 = E1.data() + t * R * KT;
-        float* e2 = E2.data() + t * R * KT;
-        if (small) {
-          scores_small<T>(R, n, d, Qf.data(), k1 + t0 * d, e1, ldE, row.data());
-          scores_small<T>(R, n, d, Qf.data() + R * d, k2 + t0 * d, e2, ldE, row.data());
-        } else {
-          const float* kt1 = ktp + (bi * 2 * G.Hkv + 2 * g) * d * Lk;
-          gemm<float>(R, n, d, Qf.data(), d, kt1 + t0, Lk, e1, ldE, false);
-          gemm<float>(R, n, d, Qf.data() + R * d, d, kt1 + d * Lk + t0, Lk, e2, ldE, false);
-        }
+      // Scores and exps of R rows of one map in tile t, relative to each row's tile max; the mask
+      // head of row r is mhead(r).
+      auto exps = [&](float* e, int64_t R, float* mt, float* lt, int64_t t, int64_t t0, int64_t n, auto mhead) {
         for (int64_t r = 0; r < R; r++) {
-          const int64_t h = g * G.rep + r / nqb, i = i0 + r % nqb;
-          const int64_t c0 = std::clamp<int64_t>(c0s[r] - t0, 0, n), c1 = std::clamp<int64_t>(c1s[r] - t0, 0, n);
-          float* s1 = e1 + r * ldE;
-          float* s2 = e2 + r * ldE;
+          const int64_t i = i0 + r % nqb;
+          const int64_t c0 = std::clamp<int64_t>(c0s[i - i0] - t0, 0, n), c1 = std::clamp<int64_t>(c1s[i - i0] - t0, 0, n);
+          float* s = e + r * ldE;
           if (c1 <= c0) {
-            std::fill_n(s1, n, 0.f);
-            std::fill_n(s2, n, 0.f);
-            m1[r * nt + t] = m2[r * nt + t] = NEG_INF;
-            l1[r * nt + t] = l2[r * nt + t] = 0.f;
+            std::fill_n(s, n, 0.f);
+            mt[r * nt + t] = NEG_INF;
+            lt[r * nt + t] = 0.f;
             continue;
           }
-          float mul1, mul2;
-          float mx1 = prepare_row(s1, n, c0, c1, scale, mask, bi, h, i, t0, mul1);
-          float mx2 = prepare_row(s2, n, c0, c1, scale, mask, bi, h, i, t0, mul2);
-          m1[r * nt + t] = mx1;
-          m2[r * nt + t] = mx2;
-          l1[r * nt + t] = mx1 == NEG_INF ? (std::fill_n(s1, n, 0.f), 0.f) : exp_row(s1, n, c0, c1, mx1, mul1);
-          l2[r * nt + t] = mx2 == NEG_INF ? (std::fill_n(s2, n, 0.f), 0.f) : exp_row(s2, n, c0, c1, mx2, mul2);
+          float mul;
+          const float mx = prepare_row(s, n, c0, c1, scale, mask, bi, mhead(r), i, t0, mul);
+          mt[r * nt + t] = mx;
+          lt[r * nt + t] = mx == NEG_INF ? (std::fill_n(s, n, 0.f), 0.f) : exp_row(s, n, c0, c1, mx, mul);
         }
+      };
+      for (int64_t t = 0; t < nt; t++) {
+        const int64_t t0 = klo + t * KT, t1 = std::min(khi, t0 + KT), n = t1 - t0;
+        float* e1 = E1.data() + t * R1 * KT;
+        float* e2 = E2.data() + t * R2 * KT;
+        if (small) {
+          scores_small<T>(R1, n, d, Qf1, k1 + t0 * d, e1, ldE, row.data());
+          scores_small<T>(R2, n, d, Qf2, k2 + t0 * d, e2, ldE, row.data());
+        } else {
+          const float* kt1 = ktp + (bi * 2 * G.Hkv + 2 * g) * d * Lk;
+          gemm<float>(R1, n, d, Qf1, d, kt1 + t0, Lk, e1, ldE, false);
+          gemm<float>(R2, n, d, Qf2, d, kt1 + d * Lk + t0, Lk, e2, ldE, false);
+        }
+        exps(e1, R1, m1.data(), l1.data(), t, t0, n, [&](int64_t r) { return sig(r) / G.r; });
+        exps(e2, R2, m2.data(), l2.data(), t, t0, n, noi);
       }
-      // Row statistics.
-      for (int64_t r = 0; r < R; r++) {
-        float a = NEG_INF, b = NEG_INF;
-        for (int64_t t = 0; t < nt; t++) {
-          a = std::max(a, m1[r * nt + t]);
-          b = std::max(b, m2[r * nt + t]);
+      // Row statistics: max over the tiles' maxima, and the sum of the rescaled tile sums.
+      auto stats = [&](int64_t R, const float* mt, const float* lt, float* M, float* L, auto lse_row) {
+        for (int64_t r = 0; r < R; r++) {
+          float a = NEG_INF;
+          for (int64_t t = 0; t < nt; t++) a = std::max(a, mt[r * nt + t]);
+          float sa = 0.f;
+          for (int64_t t = 0; t < nt; t++)
+            if (a != NEG_INF && mt[r * nt + t] != NEG_INF) sa += lt[r * nt + t] * std::exp(mt[r * nt + t] - a);
+          M[r] = a;
+          L[r] = sa;
+          float* out_stats = lse_row(r);  // row max and sum of the map, for the backward
+          out_stats[0] = sa > 0.f ? a : NEG_INF;
+          out_stats[Lq] = sa;
         }
-        float sa = 0.f, sb = 0.f;
-        for (int64_t t = 0; t < nt; t++) {
-          if (a != NEG_INF && m1[r * nt + t] != NEG_INF) sa += l1[r * nt + t] * std::exp(m1[r * nt + t] - a);
-          if (b != NEG_INF && m2[r * nt + t] != NEG_INF) sb += l2[r * nt + t] * std::exp(m2[r * nt + t] - b);
-        }
-        M1[r] = a;
-        M2[r] = b;
-        L1[r] = sa;
-        L2[r] = sb;
-        *lse_row(r, 0) = sa > 0.f ? a : NEG_INF;  // row max and sum of each map, for the backward
-        *lse_row(r, 1) = sa;
-        *lse_row(r, 2) = sb > 0.f ? b : NEG_INF;
-        *lse_row(r, 3) = sb;
-      }
+      };
+      stats(R1, m1.data(), l1.data(), M1.data(), L1.data(), lse1);
+      stats(R2, m2.data(), l2.data(), M2.data(), L2.data(), lse2);
       // A1 - lam A2 tile by tile, then one product with v.
       for (int64_t t = 0; t < nt; t++) {
         const int64_t t0 = klo + t * KT, t1 = std::min(khi, t0 + KT), n = t1 - t0;
-        for (int64_t r = 0; r < R; r++) {
-          const float lam_h = lamp[g * G.rep + r / nqb];
-          const float mt1 = m1[r * nt + t], mt2 = m2[r * nt + t];
+        for (int64_t r = 0; r < R1; r++) {
+          const int64_t rn = noise_of(r);
+          const float lam_h = lamp[sig(r)];
+          const float mt1 = m1[r * nt + t], mt2 = m2[rn * nt + t];
           const float a = (L1[r] > 0.f && mt1 != NEG_INF) ? std::exp(mt1 - M1[r]) / L1[r] : 0.f;
-          const float b = (L2[r] > 0.f && mt2 != NEG_INF) ? lam_h * std::exp(mt2 - M2[r]) / L2[r] : 0.f;
-          float* s1 = E1.data() + t * R * KT + r * ldE;
-          const float* s2 = E2.data() + t * R * KT + r * ldE;
+          const float b = (L2[rn] > 0.f && mt2 != NEG_INF) ? lam_h * std::exp(mt2 - M2[rn]) / L2[rn] : 0.f;
+          float* s1 = E1.data() + t * R1 * KT + r * ldE;
+          const float* s2 = E2.data() + t * R2 * KT + rn * ldE;
           const fVec va(a), vb(b);
           const int64_t W = fVec::size();
           int64_t c = 0;
           for (; c + W <= n; c += W) (fVec::loadu(s1 + c) * va - fVec::loadu(s2 + c) * vb).store(s1 + c);
           for (; c < n; c++) s1[c] = s1[c] * a - s2[c] * b;
         }
-        const float* A = E1.data() + t * R * KT;
+        const float* A = E1.data() + t * R1 * KT;
         if (small) {
-          av_small<T>(R, n, d2, A, ldE, vg + t0 * d2, O.data(), t > 0, row.data());
+          av_small<T>(R1, n, d2, A, ldE, vg + t0 * d2, O.data(), t > 0, row.data());
         } else if constexpr (is_f32) {
-          gemm<float>(R, d2, n, A, ldE, vg + t0 * d2, d2, O.data(), d2, t > 0);
+          gemm<float>(R1, d2, n, A, ldE, vg + t0 * d2, d2, O.data(), d2, t > 0);
         } else {
           to_float<T>(vg + t0 * d2, Vf.data(), n * d2);
-          gemm<float>(R, d2, n, A, ldE, Vf.data(), d2, O.data(), d2, t > 0);
+          gemm<float>(R1, d2, n, A, ldE, Vf.data(), d2, O.data(), d2, t > 0);
         }
       }
-      for (int64_t r = 0; r < R; r++) from_float<T>(O.data() + r * d2, out_row(r), d2);
+      for (int64_t r = 0; r < R1; r++) from_float<T>(O.data() + r * d2, out_row(r), d2);
+    }
+  });
+}
+
+template <typename F>
+void dispatch(const at::Tensor& q, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "cpu_fused", [&] {
+    if constexpr (std::is_same<scalar_t, double>::value) {
+      TORCH_CHECK(false, "cpu_fused: float64 is not supported");
+    } else {
+      f(scalar_t(0));
     }
   });
 }
@@ -451,17 +512,32 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lam,
                             const at::Tensor& lo, const at::Tensor& hi, const c10::optional<at::Tensor>& mask_opt,
                             double scale, int64_t block_rows, int64_t key_tile) {
-  check_inputs(q, k, v, lam, lo, hi);
-  Geometry G = geometry(q, k, v, lo, block_rows, key_tile);
+  check_inputs({&q}, k, v, lam, lo, hi);
+  Geometry G = geometry_v1(q, k, v, lo, block_rows, key_tile);
   Mask mask = make_mask(mask_opt, G);
   at::Tensor out = at::empty({G.B, G.H, G.Lq, 2 * G.d}, q.options());
   at::Tensor lse = at::empty({G.B, G.H, 4, G.Lq}, q.options().dtype(at::kFloat));  // max1, sum1, max2, sum2
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "cpu_fused_fwd", [&] {
-    if constexpr (std::is_same<scalar_t, double>::value) {
-      TORCH_CHECK(false, "cpu_fused: float64 is not supported");
-    } else {
-      forward_kernel<scalar_t>(q, k, v, lam, lo, hi, mask, scale, G, out, lse);
-    }
+  dispatch(q, [&](auto x) {
+    using T = decltype(x);
+    const T* qp = q.data_ptr<T>();
+    forward_kernel<T>(qp, qp + G.Lq * G.d, k, v, lam, lo, hi, mask, scale, G, out, lse);
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> gda_fwd(const at::Tensor& qs, const at::Tensor& qn, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& lam, const at::Tensor& lo, const at::Tensor& hi,
+                                const c10::optional<at::Tensor>& mask_opt, double scale, int64_t block_rows,
+                                int64_t key_tile) {
+  check_inputs({&qs, &qn}, k, v, lam, lo, hi);
+  Geometry G = geometry_gda(qs, qn, k, v, lo, block_rows, key_tile);
+  TORCH_CHECK(G.Nn % G.Hkv == 0 && G.H % G.Nn == 0, "cpu_fused: the pairs must divide N_n, and N_n must divide N_s");
+  Mask mask = make_mask(mask_opt, G);
+  at::Tensor out = at::empty({G.B, G.H, G.Lq, 2 * G.d}, qs.options());
+  at::Tensor lse = at::empty({G.B, G.H + G.Nn, 2, G.Lq}, qs.options().dtype(at::kFloat));  // (max, sum) per head
+  dispatch(qs, [&](auto x) {
+    using T = decltype(x);
+    forward_kernel<T>(qs.data_ptr<T>(), qn.data_ptr<T>(), k, v, lam, lo, hi, mask, scale, G, out, lse);
   });
   return {out, lse};
 }
@@ -469,17 +545,19 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
 // ------------------------------------------------------------------------------------------------
 // Backward
 // ------------------------------------------------------------------------------------------------
+//
+// With r signal heads per noise head, the noise map's gradient collects its r signal heads:
+// dS2 = P2 * (sum_j -lam_j s (dA_j - a_j)) with a_j = rowsum(dA_j P2); r = 1 is V1's formula.
 
 template <typename T>
-void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& lam, const at::Tensor& lo_t, const at::Tensor& hi_t, const Mask& mask,
-                     const at::Tensor& lse, double scale_d, const Geometry& G, at::Tensor& dq, at::Tensor& dkT_acc,
-                     at::Tensor& dvT_acc, at::Tensor& dlam_acc) {
+                     const at::Tensor& lse, double scale_d, const Geometry& G, T* dq1p, T* dq2p,
+                     at::Tensor& dkT_acc, at::Tensor& dvT_acc, at::Tensor& dlam_acc) {
   const int64_t d = G.d, d2 = 2 * d, Lq = G.Lq, Lk = G.Lk, KT = G.KT;
   const float scale = static_cast<float>(scale_d);
   at::Tensor kt = k.transpose(-1, -2).contiguous();  // (B, 2Hkv, d, Lk)
   at::Tensor vt = v.transpose(-1, -2).contiguous();  // (B, Hkv, 2d, Lk)
-  const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* ktp = kt.data_ptr<T>();
   const T* vtp = vt.data_ptr<T>();
@@ -488,9 +566,8 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   const float* lsep = lse.data_ptr<float>();
   const int32_t* lo = lo_t.data_ptr<int32_t>();
   const int32_t* hi = hi_t.data_ptr<int32_t>();
-  T* dqp = dq.data_ptr<T>();
   const int64_t ntasks = G.B * G.Hkv * G.nblocks;
-  const int64_t Rmax = G.rep * G.nq;
+  const int64_t R1max = G.rep * G.nq, R2max = G.rep2 * G.nq;
   const int64_t nthreads = dkT_acc.size(0);
 
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
@@ -498,59 +575,63 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
     float* dkT = dkT_acc.data_ptr<float>() + tid * G.B * 2 * G.Hkv * d * Lk;
     float* dvT = dvT_acc.data_ptr<float>() + tid * G.B * G.Hkv * d2 * Lk;
     double* dlam = dlam_acc.data_ptr<double>() + tid * G.H;
-    // Score buffers are tile-major: tile t's R x KT block is contiguous (row stride KT), so each
-    // pass streams one block instead of R rows a whole key range apart.
-    const int64_t ldE = KT, ntiles_all = (Lk + KT - 1) / KT;
-    std::vector<T> Q1(Rmax * d), Q2(Rmax * d), QT1(d * Rmax), QT2(d * Rmax), dO(Rmax * d2), dOT(d2 * Rmax);
-    std::vector<float> P1(Rmax * ntiles_all * KT), P2(Rmax * ntiles_all * KT), dA(Rmax * ntiles_all * KT);
-    std::vector<float> r1(Rmax), r2(Rmax), lse1(Rmax), lse2(Rmax), sum1(Rmax), sum2(Rmax), dQ1(Rmax * d), dQ2(Rmax * d), tmp(std::max(d2, KT));
+    // Score buffers are tile-major, as in the forward.
+    const int64_t ldE = KT, ntiles = (Lk + KT - 1) / KT;
+    std::vector<T> Q1(R1max * d), Q2(R2max * d), QT1(d * R1max), QT2(d * R2max), dO(R1max * d2), dOT(d2 * R1max);
+    std::vector<float> P1(R1max * ntiles * KT), P2(R2max * ntiles * KT), dA(R1max * ntiles * KT);
+    std::vector<float> r1(R1max), a2(R1max), lse1(R1max), sum1(R1max), lse2(R2max), sum2(R2max);
+    std::vector<float> dQ1(R1max * d), dQ2(R2max * d), tmp(std::max(d2, KT)), acc(KT);
     constexpr bool is_bf16 = std::is_same<T, at::BFloat16>::value, is_half = std::is_same<T, at::Half>::value;
-    std::vector<T> Ab(Rmax * KT), DS1(is_bf16 ? Rmax * KT : 0), DS2(is_bf16 ? Rmax * KT : 0);
-    std::vector<float> Kf(is_half ? 2 * KT * d : 0), QTf(is_half ? 2 * d * Rmax : 0);
-    std::vector<int64_t> c0s(Rmax), c1s(Rmax);
+    std::vector<T> Ab(R1max * KT), DS1(is_bf16 ? R1max * KT : 0), DS2(is_bf16 ? R2max * KT : 0);
+    std::vector<float> Kf(is_half ? 2 * KT * d : 0), QTf(is_half ? d * (R1max + R2max) : 0);
+    std::vector<int64_t> c0s(G.nq), c1s(G.nq);
 
     for (int64_t task = begin; task < end; task++) {
       const int64_t blk = task % G.nblocks;
       const int64_t g = (task / G.nblocks) % G.Hkv;
       const int64_t bi = task / (G.nblocks * G.Hkv);
       const int64_t i0 = blk * G.nq, i1 = std::min(Lq, i0 + G.nq), nqb = i1 - i0;
-      const int64_t R = G.rep * nqb;
+      const int64_t R1 = G.rep * nqb, R2 = G.rep2 * nqb;
       int64_t klo, khi;
       block_keys(G, lo, hi, bi, i0, i1, klo, khi);
-      auto head = [&](int64_t r) { return g * G.rep + r / nqb; };
-      auto qrow = [&](int64_t r, int64_t map) {
-        return ((bi * 2 * G.H + 2 * head(r) + map) * Lq + i0 + r % nqb) * d;
-      };
+      auto sig = [&](int64_t r) { return g * G.rep + r / nqb; };
+      auto noi = [&](int64_t r) { return g * G.rep2 + r / nqb; };
+      auto noise_of = [&](int64_t r) { return (r / nqb) / G.r * nqb + r % nqb; };
+      auto q1row = [&](int64_t r) { return bi * G.q1b + sig(r) * G.q1h + (i0 + r % nqb) * d; };
+      auto q2row = [&](int64_t r) { return bi * G.q2b + noi(r) * G.q2h + (i0 + r % nqb) * d; };
       if (khi <= klo) {
-        for (int64_t r = 0; r < R; r++) {
-          std::fill_n(dqp + qrow(r, 0), d, T(0));
-          std::fill_n(dqp + qrow(r, 1), d, T(0));
-        }
+        for (int64_t r = 0; r < R1; r++) std::fill_n(dq1p + q1row(r), d, T(0));
+        for (int64_t r = 0; r < R2; r++) std::fill_n(dq2p + q2row(r), d, T(0));
         continue;
       }
-      for (int64_t r = 0; r < R; r++) {
-        const int64_t h = head(r), i = i0 + r % nqb;
-        std::copy_n(qp + qrow(r, 0), d, Q1.data() + r * d);
-        std::copy_n(qp + qrow(r, 1), d, Q2.data() + r * d);
-        std::copy_n(dop + ((bi * G.H + h) * Lq + i) * d2, d2, dO.data() + r * d2);
-        lse1[r] = lsep[((bi * G.H + h) * 4 + 0) * Lq + i];
-        sum1[r] = lsep[((bi * G.H + h) * 4 + 1) * Lq + i];
-        lse2[r] = lsep[((bi * G.H + h) * 4 + 2) * Lq + i];
-        sum2[r] = lsep[((bi * G.H + h) * 4 + 3) * Lq + i];
-        c0s[r] = lo[bi * G.lo_sb + i];
-        c1s[r] = hi[bi * G.lo_sb + i];
-        r1[r] = r2[r] = 0.f;
+      for (int64_t i = i0; i < i1; i++) {
+        c0s[i - i0] = lo[bi * G.lo_sb + i];
+        c1s[i - i0] = hi[bi * G.lo_sb + i];
       }
-      for (int64_t c = 0; c < d; c++)
-        for (int64_t r = 0; r < R; r++) {
-          QT1[c * R + r] = Q1[r * d + c];
-          QT2[c * R + r] = Q2[r * d + c];
-        }
+      for (int64_t r = 0; r < R1; r++) {
+        const int64_t i = i0 + r % nqb;
+        std::copy_n(q1p + q1row(r), d, Q1.data() + r * d);
+        std::copy_n(dop + ((bi * G.H + sig(r)) * Lq + i) * d2, d2, dO.data() + r * d2);
+        const float* st = lsep + bi * G.lsb + sig(r) * G.ls1h + G.ls1o + i;
+        lse1[r] = st[0];
+        sum1[r] = st[Lq];
+        r1[r] = a2[r] = 0.f;
+      }
+      for (int64_t r = 0; r < R2; r++) {
+        std::copy_n(q2p + q2row(r), d, Q2.data() + r * d);
+        const float* st = lsep + bi * G.lsb + noi(r) * G.ls2h + G.ls2o + i0 + r % nqb;
+        lse2[r] = st[0];
+        sum2[r] = st[Lq];
+      }
+      for (int64_t c = 0; c < d; c++) {
+        for (int64_t r = 0; r < R1; r++) QT1[c * R1 + r] = Q1[r * d + c];
+        for (int64_t r = 0; r < R2; r++) QT2[c * R2 + r] = Q2[r * d + c];
+      }
       for (int64_t c = 0; c < d2; c++)
-        for (int64_t r = 0; r < R; r++) dOT[c * R + r] = dO[r * d2 + c];
+        for (int64_t r = 0; r < R1; r++) dOT[c * R1 + r] = dO[r * d2 + c];
       if constexpr (is_half) {
-        to_float<T>(QT1.data(), QTf.data(), d * R);
-        to_float<T>(QT2.data(), QTf.data() + d * R, d * R);
+        to_float<T>(QT1.data(), QTf.data(), d * R1);
+        to_float<T>(QT2.data(), QTf.data() + d * R1, d * R2);
       }
       const T* kt1 = ktp + (bi * 2 * G.Hkv + 2 * g) * d * Lk;
       const T* kt2 = kt1 + d * Lk;
@@ -563,36 +644,36 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       const int64_t nt = (khi - klo + KT - 1) / KT;
       const int64_t W = fVec::size();
 
-      // Pass 1: P1, P2 (from the saved row max and sum), dA = dO V^T; dV^T += dO^T A; r = rowsum(dA * P).
+      // P of one row from the saved row max and sum (zeros where the row sees nothing).
+      auto probs = [&](float* s, int64_t n, int64_t t0, int64_t r, float mx, float sum, int64_t mhead) {
+        const int64_t i = i0 + r % nqb;
+        const int64_t c0 = std::clamp<int64_t>(c0s[i - i0] - t0, 0, n), c1 = std::clamp<int64_t>(c1s[i - i0] - t0, 0, n);
+        if (c1 <= c0 || mx == NEG_INF) {
+          std::fill_n(s, n, 0.f);
+          return;
+        }
+        float mul;
+        prepare_row(s, n, c0, c1, scale, mask, bi, mhead, i, t0, mul);
+        exp_row(s, n, c0, c1, mx, mul, 1.f / sum);
+      };
+
+      // Pass 1: P1, P2 (from the saved row max and sum), dA = dO V^T; dV^T += dO^T A; the row sums
+      // r1 = rowsum(dA * P1) and a2 = rowsum(dA * P2) of each signal row.
       for (int64_t t = 0; t < nt; t++) {
         const int64_t t0 = klo + t * KT, t1 = std::min(khi, t0 + KT), n = t1 - t0;
-        float* p1 = P1.data() + t * R * KT;
-        float* p2 = P2.data() + t * R * KT;
-        float* da = dA.data() + t * R * KT;
-        gemm<T>(R, n, d, Q1.data(), d, kt1 + t0, Lk, p1, ldE, false);
-        gemm<T>(R, n, d, Q2.data(), d, kt2 + t0, Lk, p2, ldE, false);
-        gemm<T>(R, n, d2, dO.data(), d2, vtg + t0, Lk, da, ldE, false);
-        for (int64_t r = 0; r < R; r++) {
-          const int64_t h = head(r), i = i0 + r % nqb;
-          const int64_t c0 = std::clamp<int64_t>(c0s[r] - t0, 0, n), c1 = std::clamp<int64_t>(c1s[r] - t0, 0, n);
+        float* p1 = P1.data() + t * R1 * KT;
+        float* p2 = P2.data() + t * R2 * KT;
+        float* da = dA.data() + t * R1 * KT;
+        gemm<T>(R1, n, d, Q1.data(), d, kt1 + t0, Lk, p1, ldE, false);
+        gemm<T>(R2, n, d, Q2.data(), d, kt2 + t0, Lk, p2, ldE, false);
+        gemm<T>(R1, n, d2, dO.data(), d2, vtg + t0, Lk, da, ldE, false);
+        for (int64_t r = 0; r < R2; r++) probs(p2 + r * ldE, n, t0, r, lse2[r], sum2[r], noi(r));
+        for (int64_t r = 0; r < R1; r++) {
           float* s1 = p1 + r * ldE;
-          float* s2 = p2 + r * ldE;
+          const float* s2 = p2 + noise_of(r) * ldE;
           const float* dar = da + r * ldE;
-          if (c1 <= c0 || lse1[r] == NEG_INF) {
-            std::fill_n(s1, n, 0.f);
-          } else {
-            float mul;
-            prepare_row(s1, n, c0, c1, scale, mask, bi, h, i, t0, mul);
-            exp_row(s1, n, c0, c1, lse1[r], mul, 1.f / sum1[r]);
-          }
-          if (c1 <= c0 || lse2[r] == NEG_INF) {
-            std::fill_n(s2, n, 0.f);
-          } else {
-            float mul;
-            prepare_row(s2, n, c0, c1, scale, mask, bi, h, i, t0, mul);
-            exp_row(s2, n, c0, c1, lse2[r], mul, 1.f / sum2[r]);
-          }
-          const float lam_h = lamp[h];
+          probs(s1, n, t0, r, lse1[r], sum1[r], sig(r) / G.r);
+          const float lam_h = lamp[sig(r)];
           fVec acc1(0.f), acc2(0.f);
           const fVec vl(lam_h);
           float* a_out;
@@ -605,55 +686,73 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
             acc2 = at::vec::fmadd(x2, gv, acc2);
             (x1 - x2 * vl).store(a_out + c);
           }
-          float a1 = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc1);
-          float a2 = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc2);
+          float s_1 = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc1);
+          float s_2 = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc2);
           for (; c < n; c++) {
-            a1 += s1[c] * dar[c];
-            a2 += s2[c] * dar[c];
+            s_1 += s1[c] * dar[c];
+            s_2 += s2[c] * dar[c];
             a_out[c] = s1[c] - lam_h * s2[c];
           }
-          r1[r] += a1;
-          r2[r] += a2;
+          r1[r] += s_1;
+          a2[r] += s_2;
           if constexpr (!std::is_same<T, float>::value) from_float<T>(a_out, Ab.data() + r * KT, n);
         }
-        gemm<T>(d2, n, R, dOT.data(), R, Ab.data(), KT, dvTg + t0, Lk, true);
+        gemm<T>(d2, n, R1, dOT.data(), R1, Ab.data(), KT, dvTg + t0, Lk, true);
       }
-      // Pass 2: dS, then dQ += dS K and dK^T += Q^T dS.
+      // Pass 2: dS1 = P1 (dA - r1) s per signal row; dS2 = P2 * sum over the noise row's signal rows
+      // of -lam s (dA - a2); then dQ += dS K and dK^T += Q^T dS.
       for (int64_t t = 0; t < nt; t++) {
         const int64_t t0 = klo + t * KT, t1 = std::min(khi, t0 + KT), n = t1 - t0;
-        float* p1 = P1.data() + t * R * KT;
-        float* p2 = P2.data() + t * R * KT;
-        const float* da = dA.data() + t * R * KT;
-        for (int64_t r = 0; r < R; r++) {
-          const float nl = -lamp[head(r)] * scale;
+        float* p1 = P1.data() + t * R1 * KT;
+        float* p2 = P2.data() + t * R2 * KT;
+        const float* da = dA.data() + t * R1 * KT;
+        for (int64_t r = 0; r < R1; r++) {
           float* s1 = p1 + r * ldE;
-          float* s2 = p2 + r * ldE;
           const float* dar = da + r * ldE;
-          const fVec vr1(r1[r]), vr2(r2[r]), vs(scale), vnl(nl);
+          const fVec vr1(r1[r]), vs(scale);
           int64_t c = 0;
-          for (; c + W <= n; c += W) {
-            fVec gv = fVec::loadu(dar + c);
-            (fVec::loadu(s1 + c) * (gv - vr1) * vs).store(s1 + c);
-            (fVec::loadu(s2 + c) * (gv - vr2) * vnl).store(s2 + c);
-          }
-          for (; c < n; c++) {
-            s1[c] = s1[c] * (dar[c] - r1[r]) * scale;
-            s2[c] = s2[c] * (dar[c] - r2[r]) * nl;
-          }
-          if constexpr (std::is_same<T, at::BFloat16>::value) {
-            from_float<T>(s1, DS1.data() + r * KT, n);
-            from_float<T>(s2, DS2.data() + r * KT, n);
-          }
+          for (; c + W <= n; c += W) (fVec::loadu(s1 + c) * (fVec::loadu(dar + c) - vr1) * vs).store(s1 + c);
+          for (; c < n; c++) s1[c] = s1[c] * (dar[c] - r1[r]) * scale;
+          if constexpr (is_bf16) from_float<T>(s1, DS1.data() + r * KT, n);
         }
-        if constexpr (std::is_same<T, at::Half>::value) {
+        for (int64_t rn = 0; rn < R2; rn++) {
+          float* s2 = p2 + rn * ldE;
+          // The signal rows of noise row rn: heads (rn / nqb) * r + u, u < r, at the same query.
+          const int64_t first = (rn / nqb) * G.r * nqb + rn % nqb;
+          if (G.r == 1) {
+            const float* dar = da + first * ldE;
+            const float nl = -lamp[sig(first)] * scale;
+            const fVec va(a2[first]), vnl(nl);
+            int64_t c = 0;
+            for (; c + W <= n; c += W) (fVec::loadu(s2 + c) * (fVec::loadu(dar + c) - va) * vnl).store(s2 + c);
+            for (; c < n; c++) s2[c] = s2[c] * (dar[c] - a2[first]) * nl;
+          } else {
+            std::fill_n(acc.data(), n, 0.f);
+            for (int64_t u = 0; u < G.r; u++) {
+              const int64_t rs = first + u * nqb;
+              const float* dar = da + rs * ldE;
+              const float nl = -lamp[sig(rs)] * scale;
+              const fVec va(a2[rs]), vnl(nl);
+              int64_t c = 0;
+              for (; c + W <= n; c += W)
+                at::vec::fmadd(fVec::loadu(dar + c) - va, vnl, fVec::loadu(acc.data() + c)).store(acc.data() + c);
+              for (; c < n; c++) acc[c] += (dar[c] - a2[rs]) * nl;
+            }
+            int64_t c = 0;
+            for (; c + W <= n; c += W) (fVec::loadu(s2 + c) * fVec::loadu(acc.data() + c)).store(s2 + c);
+            for (; c < n; c++) s2[c] *= acc[c];
+          }
+          if constexpr (is_bf16) from_float<T>(s2, DS2.data() + rn * KT, n);
+        }
+        if constexpr (is_half) {
           // float16 would flush the small entries of dS to zero (its range ends near 6e-8): the dS
           // products run in float32, with the key tile converted.
           to_float<T>(k1 + t0 * d, Kf.data(), n * d);
           to_float<T>(k2 + t0 * d, Kf.data() + n * d, n * d);
-          gemm<float>(R, d, n, p1, ldE, Kf.data(), d, dQ1.data(), d, t > 0);
-          gemm<float>(R, d, n, p2, ldE, Kf.data() + n * d, d, dQ2.data(), d, t > 0);
-          gemm<float>(d, n, R, QTf.data(), R, p1, ldE, dkT1 + t0, Lk, true);
-          gemm<float>(d, n, R, QTf.data() + d * R, R, p2, ldE, dkT2 + t0, Lk, true);
+          gemm<float>(R1, d, n, p1, ldE, Kf.data(), d, dQ1.data(), d, t > 0);
+          gemm<float>(R2, d, n, p2, ldE, Kf.data() + n * d, d, dQ2.data(), d, t > 0);
+          gemm<float>(d, n, R1, QTf.data(), R1, p1, ldE, dkT1 + t0, Lk, true);
+          gemm<float>(d, n, R2, QTf.data() + d * R1, R2, p2, ldE, dkT2 + t0, Lk, true);
           continue;
         }
         const T* ds1;
@@ -668,45 +767,79 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
           ds2 = DS2.data();
           ld = KT;
         }
-        gemm<T>(R, d, n, ds1, ld, k1 + t0 * d, d, dQ1.data(), d, t > 0);
-        gemm<T>(R, d, n, ds2, ld, k2 + t0 * d, d, dQ2.data(), d, t > 0);
-        gemm<T>(d, n, R, QT1.data(), R, ds1, ld, dkT1 + t0, Lk, true);
-        gemm<T>(d, n, R, QT2.data(), R, ds2, ld, dkT2 + t0, Lk, true);
+        gemm<T>(R1, d, n, ds1, ld, k1 + t0 * d, d, dQ1.data(), d, t > 0);
+        gemm<T>(R2, d, n, ds2, ld, k2 + t0 * d, d, dQ2.data(), d, t > 0);
+        gemm<T>(d, n, R1, QT1.data(), R1, ds1, ld, dkT1 + t0, Lk, true);
+        gemm<T>(d, n, R2, QT2.data(), R2, ds2, ld, dkT2 + t0, Lk, true);
       }
-      for (int64_t r = 0; r < R; r++) {
-        from_float<T>(dQ1.data() + r * d, dqp + qrow(r, 0), d);
-        from_float<T>(dQ2.data() + r * d, dqp + qrow(r, 1), d);
-        dlam[head(r)] -= r2[r];
+      for (int64_t r = 0; r < R1; r++) {
+        from_float<T>(dQ1.data() + r * d, dq1p + q1row(r), d);
+        dlam[sig(r)] -= a2[r];
       }
+      for (int64_t r = 0; r < R2; r++) from_float<T>(dQ2.data() + r * d, dq2p + q2row(r), d);
     }
   });
+}
+
+// Per-thread float32 dK^T / dV^T buffers, reduced and transposed once at the end.
+struct GradBuffers {
+  int64_t T;
+  at::Tensor dkT, dvT, dlam;
+  GradBuffers(const Geometry& G, const at::Tensor& like) {
+    T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), G.B * G.Hkv * G.nblocks));
+    auto f32 = like.options().dtype(at::kFloat);
+    dkT = at::zeros({T, G.B, 2 * G.Hkv, G.d, G.Lk}, f32);
+    dvT = at::zeros({T, G.B, G.Hkv, 2 * G.d, G.Lk}, f32);
+    dlam = at::zeros({T, G.H}, like.options().dtype(at::kDouble));
+  }
+  at::Tensor dk(at::ScalarType t) const { return (T == 1 ? dkT[0] : dkT.sum(0)).transpose(-1, -2).to(t).contiguous(); }
+  at::Tensor dv(at::ScalarType t) const { return (T == 1 ? dvT[0] : dvT.sum(0)).transpose(-1, -2).to(t).contiguous(); }
+  at::Tensor dl() const { return dlam.sum(0).to(at::kFloat); }
+};
+
+void check_grad_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& lse) {
+  TORCH_CHECK(dout.is_contiguous() && dout.scalar_type() == q.scalar_type(), "cpu_fused: grad_out must be contiguous, q's dtype");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat, "cpu_fused: lse must be contiguous float32");
 }
 
 std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& lam, const at::Tensor& lo, const at::Tensor& hi,
                             const c10::optional<at::Tensor>& mask_opt, const at::Tensor& lse, double scale,
                             int64_t block_rows, int64_t key_tile) {
-  check_inputs(q, k, v, lam, lo, hi);
-  TORCH_CHECK(dout.is_contiguous() && dout.scalar_type() == q.scalar_type(), "cpu_fused: grad_out must be contiguous, q's dtype");
-  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat, "cpu_fused: lse must be contiguous float32");
-  Geometry G = geometry(q, k, v, lo, block_rows, key_tile);
+  check_inputs({&q}, k, v, lam, lo, hi);
+  check_grad_inputs(dout, q, lse);
+  Geometry G = geometry_v1(q, k, v, lo, block_rows, key_tile);
   Mask mask = make_mask(mask_opt, G);
-  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), G.B * G.Hkv * G.nblocks));
+  GradBuffers buf(G, q);
   at::Tensor dq = at::empty_like(q);
-  auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dkT = at::zeros({T, G.B, 2 * G.Hkv, G.d, G.Lk}, f32);
-  at::Tensor dvT = at::zeros({T, G.B, G.Hkv, 2 * G.d, G.Lk}, f32);
-  at::Tensor dlam = at::zeros({T, G.H}, q.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "cpu_fused_bwd", [&] {
-    if constexpr (std::is_same<scalar_t, double>::value) {
-      TORCH_CHECK(false, "cpu_fused: float64 is not supported");
-    } else {
-      backward_kernel<scalar_t>(dout, q, k, v, lam, lo, hi, mask, lse, scale, G, dq, dkT, dvT, dlam);
-    }
+  dispatch(q, [&](auto x) {
+    using T = decltype(x);
+    const T* qp = q.data_ptr<T>();
+    T* dqp = dq.data_ptr<T>();
+    const int64_t off = G.Lq * G.d;
+    backward_kernel<T>(dout, qp, qp + off, k, v, lam, lo, hi, mask, lse, scale, G, dqp, dqp + off, buf.dkT, buf.dvT,
+                       buf.dlam);
   });
-  at::Tensor dk = (T == 1 ? dkT[0] : dkT.sum(0)).transpose(-1, -2).to(q.scalar_type()).contiguous();
-  at::Tensor dv = (T == 1 ? dvT[0] : dvT.sum(0)).transpose(-1, -2).to(q.scalar_type()).contiguous();
-  return {dq, dk, dv, dlam.sum(0).to(at::kFloat)};
+  return {dq, buf.dk(q.scalar_type()), buf.dv(q.scalar_type()), buf.dl()};
+}
+
+std::vector<at::Tensor> gda_bwd(const at::Tensor& dout, const at::Tensor& qs, const at::Tensor& qn, const at::Tensor& k,
+                                const at::Tensor& v, const at::Tensor& lam, const at::Tensor& lo, const at::Tensor& hi,
+                                const c10::optional<at::Tensor>& mask_opt, const at::Tensor& lse, double scale,
+                                int64_t block_rows, int64_t key_tile) {
+  check_inputs({&qs, &qn}, k, v, lam, lo, hi);
+  check_grad_inputs(dout, qs, lse);
+  Geometry G = geometry_gda(qs, qn, k, v, lo, block_rows, key_tile);
+  TORCH_CHECK(G.Nn % G.Hkv == 0 && G.H % G.Nn == 0, "cpu_fused: the pairs must divide N_n, and N_n must divide N_s");
+  Mask mask = make_mask(mask_opt, G);
+  GradBuffers buf(G, qs);
+  at::Tensor dqs = at::empty_like(qs), dqn = at::empty_like(qn);
+  dispatch(qs, [&](auto x) {
+    using T = decltype(x);
+    backward_kernel<T>(dout, qs.data_ptr<T>(), qn.data_ptr<T>(), k, v, lam, lo, hi, mask, lse, scale, G,
+                       dqs.data_ptr<T>(), dqn.data_ptr<T>(), buf.dkT, buf.dvT, buf.dlam);
+  });
+  return {dqs, dqn, buf.dk(qs.scalar_type()), buf.dv(qs.scalar_type()), buf.dl()};
 }
 
 bool vec_is_native() {
@@ -722,6 +855,8 @@ bool vec_is_native() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "fused differential attention forward: (out, lse)");
   m.def("bwd", &bwd, "fused differential attention backward: (dq, dk, dv, dlam)");
+  m.def("gda_fwd", &gda_fwd, "fused grouped differential attention forward: (out, lse)");
+  m.def("gda_bwd", &gda_bwd, "fused grouped differential attention backward: (dq_signal, dq_noise, dk, dv, dlam)");
   m.def("vec_size", [] { return (int64_t)fVec::size(); }, "float lanes of at::vec in this build");
   m.def("vec_is_native", &vec_is_native, "whether at::vec was compiled for a vector ISA");
 }
