@@ -212,3 +212,45 @@ def test_reads_a_preallocated_cache_slice_in_place(lq):
     want_g = torch.autograd.grad(want_out, (q, kl, vl, lam), g.double())
     for name, a, w in zip("qkvλ", got_g, want_g, strict=True):
         assert (a.double() - w).abs().max() < 1e-5 * (1 + w.abs().max()), name
+
+
+@pytest.mark.parametrize("lq, lk, mask", [(1, 1030, None), (3, 777, "padding"), (2, 600, "additive"), (1, 513, "dead")])
+def test_decode_split_over_the_key_range_matches_the_oracle(lq, lk, mask):
+    """With fewer (batch, kv group) tasks than threads, a decode step cuts the cache into chunks
+    (one per thread) and merges them: the same outputs, and the same saved statistics, so the
+    gradients through them are exact too."""
+    b, h, hkv, d = 1, 2, 1, 16  # one kv group: one task
+    q = torch.randn(b, 2 * h, lq, d, requires_grad=True)
+    k = torch.randn(b, 2 * hkv, lk, d, requires_grad=True)
+    v = torch.randn(b, hkv, lk, 2 * d, requires_grad=True)
+    lam = torch.tensor([0.3, 0.7], requires_grad=True)
+    okw, attn_mask = {}, None
+    if mask == "padding":
+        attn_mask = torch.ones(b, 1, 1, lk, dtype=torch.bool)
+        attn_mask[..., :100] = False
+        okw["bool_mask"] = attn_mask
+    elif mask in ("additive", "dead"):
+        attn_mask = torch.randn(b, h, lq, lk)
+        attn_mask[attn_mask > 1.0] = float("-inf")
+        if mask == "dead":
+            attn_mask[0, 1, 0] = float("-inf")  # a row that sees nothing
+        okw["add_mask"] = attn_mask
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lo = torch.zeros(1, lq, dtype=torch.int32)
+        chunks = cpu_fused._load().decode_chunks(q, k, v, lo, cpu_fused.FWD_BLOCK_ROWS, cpu_fused.KEY_TILE)
+        assert chunks == 2  # the split path runs
+        with torch.no_grad():
+            got = diff_attention(q, k, v, lam, attn_mask=attn_mask, is_causal=True, impl="cpu_fused")
+        out = diff_attention(q, k, v, lam, attn_mask=attn_mask, is_causal=True, impl="cpu_fused")
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v, lam), g)
+    finally:
+        torch.set_num_threads(threads)
+    want = oracle_attention(q.double(), k.double(), v.double(), lam.double(), causal=True, **okw)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, got)
+    want_g = torch.autograd.grad(want, (q, k, v, lam), g.double())
+    for name, a, w in zip("qkvλ", grads, want_g, strict=True):
+        assert (a.double() - w).abs().max() < 1e-5 * (1 + w.abs().max()), name

@@ -498,6 +498,132 @@ void forward_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::T
   });
 }
 
+// Decode steps with fewer (batch, kv group, block) tasks than threads: the key range is cut into S
+// chunks so that every thread reads part of the cache (as flash-decoding does on GPUs). Each chunk
+// keeps, per row and map, its own max, sum and unnormalised product with v; the merge rescales
+// them to the row's max and forms O = O1 / L1 - lam O2 / L2, the same numbers as one pass.
+constexpr int64_t SPLIT_MIN_KEYS = 256;
+
+int64_t decode_chunks(const Geometry& G) {
+  const int64_t ntasks = G.B * G.Hkv * G.nblocks, nthr = at::get_num_threads();
+  if (G.rep * std::min(G.nq, G.Lq) >= SMALL_ROWS || ntasks >= nthr) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>((nthr + ntasks - 1) / ntasks, G.Lk / SPLIT_MIN_KEYS));
+}
+
+template <typename T>
+void decode_split_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lam,
+                         const at::Tensor& lo_t, const at::Tensor& hi_t, const Mask& mask, double scale_d,
+                         const Geometry& G, int64_t S, at::Tensor& out, at::Tensor& lse) {
+  const int64_t d = G.d, d2 = 2 * d, Lq = G.Lq, Lk = G.Lk;
+  const float scale = static_cast<float>(scale_d);
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const float* lamp = lam.data_ptr<float>();
+  const int32_t* lo = lo_t.data_ptr<int32_t>();
+  const int32_t* hi = hi_t.data_ptr<int32_t>();
+  T* op = out.data_ptr<T>();
+  float* lsep = lse.data_ptr<float>();
+  const int64_t ntasks = G.B * G.Hkv * G.nblocks;
+  const int64_t Rt = (G.rep + G.rep2) * G.nq;  // signal rows, then noise rows
+  const int64_t CL = (Lk + S - 1) / S;
+  std::vector<float> pm(ntasks * S * Rt), pl(ntasks * S * Rt), pO(ntasks * S * Rt * d2);
+  struct Task {
+    int64_t bi, g, i0, nqb, R1, R2;
+  };
+  auto task_of = [&](int64_t task) {
+    const int64_t blk = task % G.nblocks, g = (task / G.nblocks) % G.Hkv, bi = task / (G.nblocks * G.Hkv);
+    const int64_t i0 = blk * G.nq, nqb = std::min(Lq, i0 + G.nq) - i0;
+    return Task{bi, g, i0, nqb, G.rep * nqb, G.rep2 * nqb};
+  };
+
+  at::parallel_for(0, ntasks * S, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> E(Rt * CL), Qf(Rt * d), row(d2);
+    for (int64_t item = begin; item < end; item++) {
+      const int64_t task = item / S, c = item % S;
+      const Task tk = task_of(task);
+      float* m = pm.data() + item * Rt;
+      float* l = pl.data() + item * Rt;
+      float* o = pO.data() + item * Rt * d2;
+      int64_t klo, khi;
+      block_keys(G, lo, hi, tk.bi, tk.i0, tk.i0 + tk.nqb, klo, khi);
+      const int64_t len = (khi - klo + S - 1) / S;
+      const int64_t t0 = std::min(khi, klo + c * len), t1 = std::min(khi, t0 + len), n = t1 - t0;
+      const int64_t R = tk.R1 + tk.R2;
+      if (n <= 0) {
+        std::fill_n(m, R, NEG_INF);
+        std::fill_n(l, R, 0.f);
+        std::fill_n(o, R * d2, 0.f);
+        continue;
+      }
+      // Row r < R1: signal head g * rep + r / nqb; row R1 + u: noise head g * rep2 + u / nqb.
+      auto head = [&](int64_t r) {
+        return r < tk.R1 ? tk.g * G.rep + r / tk.nqb : tk.g * G.rep2 + (r - tk.R1) / tk.nqb;
+      };
+      for (int64_t r = 0; r < R; r++) {
+        const int64_t i = tk.i0 + r % tk.nqb;  // R1 is a multiple of nqb
+        const T* src = r < tk.R1 ? q1p + tk.bi * G.q1b + head(r) * G.q1h + i * d
+                                 : q2p + tk.bi * G.q2b + head(r) * G.q2h + i * d;
+        to_float<T>(src, Qf.data() + r * d, d);
+      }
+      const T* k1 = kp + tk.bi * G.ksb + 2 * tk.g * G.ksh;
+      const T* vg = vp + tk.bi * G.vsb + tk.g * G.vsh;
+      scores_small<T>(tk.R1, n, d, Qf.data(), k1 + t0 * d, E.data(), CL, row.data());
+      scores_small<T>(tk.R2, n, d, Qf.data() + tk.R1 * d, k1 + G.ksh + t0 * d, E.data() + tk.R1 * CL, CL, row.data());
+      for (int64_t r = 0; r < R; r++) {
+        const int64_t i = tk.i0 + r % tk.nqb;
+        const int64_t c0 = std::clamp<int64_t>(lo[tk.bi * G.lo_sb + i] - t0, 0, n);
+        const int64_t c1 = std::clamp<int64_t>(hi[tk.bi * G.lo_sb + i] - t0, 0, n);
+        float* s = E.data() + r * CL;
+        const int64_t mhead = r < tk.R1 ? head(r) / G.r : head(r);
+        float mx = NEG_INF, mul = 1.f;
+        if (c1 > c0) mx = prepare_row(s, n, c0, c1, scale, mask, tk.bi, mhead, i, t0, mul);
+        m[r] = mx;
+        l[r] = mx == NEG_INF ? (std::fill_n(s, n, 0.f), 0.f) : exp_row(s, n, c0, c1, mx, mul);
+      }
+      av_small<T>(R, n, d2, E.data(), CL, vg + t0 * d2, o, false, row.data());
+    }
+  });
+
+  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> M(Rt), L(Rt), acc(d2);
+    for (int64_t task = begin; task < end; task++) {
+      const Task tk = task_of(task);
+      const int64_t R = tk.R1 + tk.R2;
+      const float* m = pm.data() + task * S * Rt;
+      const float* l = pl.data() + task * S * Rt;
+      const float* o = pO.data() + task * S * Rt * d2;
+      for (int64_t r = 0; r < R; r++) {
+        float a = NEG_INF;
+        for (int64_t c = 0; c < S; c++) a = std::max(a, m[c * Rt + r]);
+        float sum = 0.f;
+        for (int64_t c = 0; c < S; c++)
+          if (a != NEG_INF && m[c * Rt + r] != NEG_INF) sum += l[c * Rt + r] * std::exp(m[c * Rt + r] - a);
+        M[r] = a;
+        L[r] = sum;
+        const int64_t i = tk.i0 + r % tk.nqb;
+        float* st = r < tk.R1 ? lsep + tk.bi * G.lsb + (tk.g * G.rep + r / tk.nqb) * G.ls1h + G.ls1o + i
+                              : lsep + tk.bi * G.lsb + (tk.g * G.rep2 + (r - tk.R1) / tk.nqb) * G.ls2h + G.ls2o + i;
+        st[0] = sum > 0.f ? a : NEG_INF;
+        st[Lq] = sum;
+      }
+      for (int64_t r = 0; r < tk.R1; r++) {
+        const int64_t rn = tk.R1 + (r / tk.nqb) / G.r * tk.nqb + r % tk.nqb;
+        const int64_t j = tk.g * G.rep + r / tk.nqb;
+        std::fill_n(acc.data(), d2, 0.f);
+        for (int64_t c = 0; c < S; c++) {
+          const float m1 = m[c * Rt + r], m2 = m[c * Rt + rn];
+          const float a = (L[r] > 0.f && m1 != NEG_INF) ? std::exp(m1 - M[r]) / L[r] : 0.f;
+          const float b = (L[rn] > 0.f && m2 != NEG_INF) ? lamp[j] * std::exp(m2 - M[rn]) / L[rn] : 0.f;
+          const float* o1 = o + (c * Rt + r) * d2;
+          const float* o2 = o + (c * Rt + rn) * d2;
+          for (int64_t e = 0; e < d2; e++) acc[e] += a * o1[e] - b * o2[e];
+        }
+        from_float<T>(acc.data(), op + ((tk.bi * G.H + j) * Lq + tk.i0 + r % tk.nqb) * d2, d2);
+      }
+    }
+  });
+}
+
 template <typename F>
 void dispatch(const at::Tensor& q, F&& f) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "cpu_fused", [&] {
@@ -520,7 +646,11 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
   dispatch(q, [&](auto x) {
     using T = decltype(x);
     const T* qp = q.data_ptr<T>();
-    forward_kernel<T>(qp, qp + G.Lq * G.d, k, v, lam, lo, hi, mask, scale, G, out, lse);
+    const int64_t S = decode_chunks(G);
+    if (S > 1)
+      decode_split_kernel<T>(qp, qp + G.Lq * G.d, k, v, lam, lo, hi, mask, scale, G, S, out, lse);
+    else
+      forward_kernel<T>(qp, qp + G.Lq * G.d, k, v, lam, lo, hi, mask, scale, G, out, lse);
   });
   return {out, lse};
 }
@@ -537,7 +667,11 @@ std::vector<at::Tensor> gda_fwd(const at::Tensor& qs, const at::Tensor& qn, cons
   at::Tensor lse = at::empty({G.B, G.H + G.Nn, 2, G.Lq}, qs.options().dtype(at::kFloat));  // (max, sum) per head
   dispatch(qs, [&](auto x) {
     using T = decltype(x);
-    forward_kernel<T>(qs.data_ptr<T>(), qn.data_ptr<T>(), k, v, lam, lo, hi, mask, scale, G, out, lse);
+    const int64_t S = decode_chunks(G);
+    if (S > 1)
+      decode_split_kernel<T>(qs.data_ptr<T>(), qn.data_ptr<T>(), k, v, lam, lo, hi, mask, scale, G, S, out, lse);
+    else
+      forward_kernel<T>(qs.data_ptr<T>(), qn.data_ptr<T>(), k, v, lam, lo, hi, mask, scale, G, out, lse);
   });
   return {out, lse};
 }
@@ -857,6 +991,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bwd", &bwd, "fused differential attention backward: (dq, dk, dv, dlam)");
   m.def("gda_fwd", &gda_fwd, "fused grouped differential attention forward: (out, lse)");
   m.def("gda_bwd", &gda_bwd, "fused grouped differential attention backward: (dq_signal, dq_noise, dk, dv, dlam)");
+  m.def("decode_chunks", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo,
+                            int64_t block_rows, int64_t key_tile) {
+    return decode_chunks(geometry_v1(q, k, v, lo, block_rows, key_tile));
+  }, "key chunks a V1 forward of these shapes splits the cache into (1: no split)");
   m.def("vec_size", [] { return (int64_t)fVec::size(); }, "float lanes of at::vec in this build");
   m.def("vec_is_native", &vec_is_native, "whether at::vec was compiled for a vector ISA");
 }
