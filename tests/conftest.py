@@ -38,3 +38,18 @@ def skip_if_refused():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def precision_for(registry, impl):
+    """``(dtype, output tolerance, gradient tolerance)`` at which to test ``impl`` of ``registry``
+    against a float64 statement: float64 to 1e-10, or float32 to float32's rounding for a strategy
+    that refuses float64 (``cpu_fused``; its inputs are rounded to float32 first, and the
+    statement is evaluated in float64 from those same inputs)."""
+    if impl == "auto" or torch.float64 in registry.get(impl).dtypes:
+        return torch.float64, dict(rtol=1e-10, atol=1e-10), dict(rtol=1e-9, atol=1e-9)
+    return torch.float32, dict(rtol=2e-5, atol=2e-5), dict(rtol=1e-4, atol=5e-5)
+
+
+def leaves_as(dtype, *tensors):
+    """Each tensor as a new leaf of ``dtype`` that requires grad (``None`` stays ``None``)."""
+    return [None if t is None else t.detach().to(dtype).requires_grad_() for t in tensors]

@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from multihead_sdpadiff import IMPLS_V2, diff_attention_v2
+from multihead_sdpadiff.ops.v2 import REGISTRY_V2
+from tests.conftest import precision_for
 from tests.oracle import oracle_attention_v2
 
 STRATEGIES_V2 = [name for name in IMPLS_V2 if name != "auto"]
@@ -76,11 +78,12 @@ def make_inputs(case, dtype=torch.float64, requires_grad=False):
 @pytest.mark.parametrize("impl", IMPLS_V2)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_forward_float64(impl, case):
-    q, k, v, lam, mask, causal, okw = make_inputs(case)
+    dtype, tol, _ = precision_for(REGISTRY_V2, impl)  # cpu_fused: float32 against the same statement
+    q, k, v, lam, mask, causal, okw = make_inputs(case, dtype)
     out = diff_attention_v2(q, k, v, lam, attn_mask=mask, is_causal=causal, impl=impl)
     want = oracle_attention_v2(q, k, v, lam, causal=causal, **okw)
-    assert out.shape == want.shape == q[:, ::2].shape and out.dtype == torch.float64
-    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    assert out.shape == want.shape == q[:, ::2].shape and out.dtype == dtype
+    torch.testing.assert_close(out.double(), want, **tol)
 
 
 @pytest.mark.parametrize("impl", STRATEGIES_V2)
@@ -111,7 +114,8 @@ def test_low_precision_within_twice_plain_error(impl, case, dtype):
 @pytest.mark.parametrize("impl", STRATEGIES_V2)
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4], CASES[6], CASES[9], CASES[11]], ids=case_id)
 def test_gradients_float64(impl, case):
-    q, k, v, lam, mask, causal, okw = make_inputs(case, requires_grad=True)
+    dtype, _, gtol = precision_for(REGISTRY_V2, impl)
+    q, k, v, lam, mask, causal, okw = make_inputs(case, dtype, requires_grad=True)
     out = diff_attention_v2(q, k, v, lam, attn_mask=mask, is_causal=causal, impl=impl)
     grad_out = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v, lam), grad_out)
@@ -119,7 +123,7 @@ def test_gradients_float64(impl, case):
     want = torch.autograd.grad(want_out, (q, k, v, lam), grad_out)
     for name, g_got, g_want in zip("qkvλ", got, want, strict=True):
         assert torch.isfinite(g_got).all(), name
-        torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
+        torch.testing.assert_close(g_got.double(), g_want.double(), **gtol, msg=f"grad of {name}")
 
 
 @pytest.mark.parametrize("impl", IMPLS_V2)
@@ -134,7 +138,8 @@ def test_rows_that_see_nothing_are_zero(impl):
 
 @pytest.mark.parametrize("impl", STRATEGIES_V2)
 def test_lambda_forms_agree(impl):
-    q, k, v, _, _, _, _ = make_inputs(CASES[2])
+    dtype, tol, _ = precision_for(REGISTRY_V2, impl)
+    q, k, v, _, _, _, _ = make_inputs(CASES[2], dtype)
     b, h, lq = q.shape[0], q.shape[1] // 2, q.shape[2]
     forms = [0.3, torch.tensor(0.3, dtype=torch.float64), torch.full((h,), 0.3, dtype=torch.float64),
              torch.full((b, h, lq), 0.3, dtype=torch.float64)]
@@ -143,8 +148,8 @@ def test_lambda_forms_agree(impl):
         torch.testing.assert_close(o, outs[0], rtol=0, atol=0)
     per_head = torch.tensor([0.1, 0.9, 0.4, 0.6], dtype=torch.float64)
     torch.testing.assert_close(
-        diff_attention_v2(q, k, v, per_head, is_causal=True, impl=impl),
-        oracle_attention_v2(q, k, v, per_head, causal=True), rtol=1e-10, atol=1e-10,
+        diff_attention_v2(q, k, v, per_head, is_causal=True, impl=impl).double(),
+        oracle_attention_v2(q, k, v, per_head, causal=True), **tol,
     )
 
 
@@ -163,12 +168,50 @@ def test_sdpa_is_one_call_with_gqa(monkeypatch):
     assert calls == [(q.shape, k.shape, True)]
 
 
-def test_auto_is_sdpa():
+def test_auto_is_cpu_fused_on_cpu_and_sdpa_for_float64():
     q, k, v, lam, mask, causal, _ = make_inputs(CASES[3])
     torch.testing.assert_close(
         diff_attention_v2(q, k, v, lam, attn_mask=mask, is_causal=causal),
         diff_attention_v2(q, k, v, lam, attn_mask=mask, is_causal=causal, impl="sdpa"), rtol=0, atol=0,
     )
+    q, k, v, lam, mask, causal, _ = make_inputs(CASES[3], torch.float32)
+    torch.testing.assert_close(
+        diff_attention_v2(q, k, v, lam, attn_mask=mask, is_causal=causal),
+        diff_attention_v2(q, k, v, lam, attn_mask=mask, is_causal=causal, impl="cpu_fused"), rtol=0, atol=0,
+    )
+
+
+def test_cpu_fused_op_passes_opcheck_compiles_fullgraph_and_reads_a_cache_slice():
+    from multihead_sdpadiff.ops import cpu_fused
+    from multihead_sdpadiff.ops.v2 import _prepare
+    q, k, v, lam, mask, causal, _ = make_inputs(CASES[3], torch.float32)
+    inputs = _prepare(q, k, v, lam, mask, causal, None)
+    lo, hi = cpu_fused.row_intervals(inputs.mask, q.device)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
+            inputs.lam.contiguous().requires_grad_(), lo, hi, inputs.mask.tensor, inputs.scale, 8, 4)
+    torch.library.opcheck(torch.ops.sdpadiff.cpu_fused_v2_fwd.default, args)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def run(q, k, v, lam):
+        return diff_attention_v2(q, k, v, lam, attn_mask=mask, is_causal=causal)  # auto: cpu_fused
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, lam)]
+    eager_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, lam)]
+    out = run(*leaves)
+    eager = diff_attention_v2(*eager_leaves, attn_mask=mask, is_causal=causal, impl="cpu_fused")
+    torch.testing.assert_close(out, eager)
+    out.sum().backward()
+    eager.sum().backward()
+    for a, b in zip(leaves, eager_leaves, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    # A decode step on k, v as a preallocated cache hands them out (a prefix of a longer buffer).
+    kbuf, vbuf = torch.randn(2, 2, 40, 8), torch.randn(2, 2, 40, 8)
+    kc, vc = kbuf[:, :, :17], vbuf[:, :, :17]
+    assert not kc.is_contiguous() and cpu_fused._rows_dense(kc) is kc
+    qd, lamd = torch.randn(2, 12, 1, 8), torch.rand(2, 6, 1)
+    got = diff_attention_v2(qd, kc, vc, lamd, is_causal=True, impl="cpu_fused")
+    want = oracle_attention_v2(qd, kc, vc, lamd, causal=True)
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -197,8 +240,17 @@ def test_random_shapes_and_masks(b, hkv, rep, lq, extra_k, d, causal, mask_kind,
         okw["bool_mask"] = mask
     want = oracle_attention_v2(q, k, v, lam, causal=causal, **okw)
     for impl in STRATEGIES_V2:
-        out = diff_attention_v2(q, k, v, lam, attn_mask=mask, is_causal=causal, impl=impl)
-        torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9, msg=impl)
+        dtype, tol, _ = precision_for(REGISTRY_V2, impl)
+        if dtype == torch.float64:
+            out = diff_attention_v2(q, k, v, lam, attn_mask=mask, is_causal=causal, impl=impl)
+            torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9, msg=impl)
+            continue
+        # float32 inputs against the statement of those rounded inputs.
+        q32, k32, v32 = q.float(), k.float(), v.float()
+        m32 = mask.float() if mask is not None and mask.is_floating_point() else mask
+        out = diff_attention_v2(q32, k32, v32, lam, attn_mask=m32, is_causal=causal, impl=impl)
+        want32 = oracle_attention_v2(q32, k32, v32, lam, causal=causal, **okw)
+        torch.testing.assert_close(out.double(), want32, **tol, msg=impl)
 
 
 def good():

@@ -21,7 +21,8 @@ from multihead_sdpadiff import (
 from multihead_sdpadiff.ops import _prepare
 from multihead_sdpadiff.ops.chunked import _Plan, chunked
 from multihead_sdpadiff.ops.triton_fused import _kv_tile_table
-from tests.conftest import STRATEGIES, skip_unless_supported
+from multihead_sdpadiff.ops.v2 import REGISTRY_V2
+from tests.conftest import STRATEGIES, leaves_as, precision_for, skip_unless_supported
 from tests.oracle import oracle_attention, oracle_attention_v2
 
 V2_STRATEGIES = [n for n in IMPLS_V2 if n != "auto"]
@@ -113,15 +114,16 @@ def test_window_errors_name_the_argument():
 
 @pytest.mark.parametrize("impl", V2_STRATEGIES + ["auto"])
 def test_window_v2(impl):
+    dtype, tol, gtol = precision_for(REGISTRY_V2, impl)  # cpu_fused: float32 against the same statement
     g = torch.Generator().manual_seed(3)
-    q, k, v = rnd(g, 2, 4, 23, 16), rnd(g, 2, 1, 23, 16), rnd(g, 2, 1, 23, 16)
+    q, k, v = leaves_as(dtype, rnd(g, 2, 4, 23, 16), rnd(g, 2, 1, 23, 16), rnd(g, 2, 1, 23, 16))
     lam = torch.rand(2, 2, 23, generator=g, dtype=torch.float64).requires_grad_(True)
     out = diff_attention_v2(q, k, v, lam, is_causal=True, window=(4, 0), impl=impl)
     want = oracle_attention_v2(q, k, v, lam, causal=True, window=(4, 0))
-    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
-    gr = torch.randn_like(out)
-    for a, b in zip(grads(out, (q, k, v, lam), gr), grads(want, (q, k, v, lam), gr), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out.double(), want, **tol)
+    gr = torch.randn_like(want)
+    for a, b in zip(grads(out, (q, k, v, lam), gr.to(out.dtype)), grads(want, (q, k, v, lam), gr), strict=True):
+        torch.testing.assert_close(a.double(), b.double(), **gtol)
 
 
 # ---------------------------------------------------------------------------------------- varlen
@@ -190,10 +192,11 @@ def test_varlen_equals_each_sequence_alone(impl, case, hkv):
 @pytest.mark.parametrize("impl", V2_STRATEGIES)
 @pytest.mark.parametrize("case", VARLEN_CASES[::2], ids=vid)
 def test_varlen_v2_equals_each_sequence_alone(impl, case):
+    dtype, tol, gtol = precision_for(REGISTRY_V2, impl)
     lens_q, lens_k, causal, window = case
     h, hkv, d = 4, 2, 8
     g = torch.Generator().manual_seed(7)
-    q, k, v = rnd(g, sum(lens_q), 2 * h, d), rnd(g, sum(lens_k), hkv, d), rnd(g, sum(lens_k), hkv, d)
+    q, k, v = leaves_as(dtype, rnd(g, sum(lens_q), 2 * h, d), rnd(g, sum(lens_k), hkv, d), rnd(g, sum(lens_k), hkv, d))
     lam = torch.rand(sum(lens_q), h, generator=g, dtype=torch.float64).requires_grad_(True)  # per token
     out = diff_attention_v2_varlen(q, k, v, lam, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k),
                                    is_causal=causal, window=window, impl=impl)
@@ -207,10 +210,10 @@ def test_varlen_v2_equals_each_sequence_alone(impl, case):
                                    window=window)[0].transpose(0, 1)
 
     want = alone(q, k, v, lens_q, lens_k, one)
-    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
-    gr = torch.randn_like(out)
-    for a, b in zip(grads(out, (q, k, v, lam), gr), grads(want, (q, k, v, lam), gr), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out.double(), want.double(), **tol)
+    gr = torch.randn_like(want)
+    for a, b in zip(grads(out, (q, k, v, lam), gr.to(out.dtype)), grads(want, (q, k, v, lam), gr), strict=True):
+        torch.testing.assert_close(a.double(), b.double(), **gtol)
 
 
 def test_chunked_packed_blocks_stay_inside_their_document():

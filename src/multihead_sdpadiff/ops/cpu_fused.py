@@ -8,7 +8,9 @@ Importing this module never compiles; ``sdpadiff build`` compiles ahead of time.
 
 It is registered as two torch ops, ``sdpadiff::cpu_fused_fwd`` and ``sdpadiff::cpu_fused_bwd``,
 with fake (meta) implementations and an autograd formula, so ``torch.compile(fullgraph=True)``
-and ``torch.export`` trace through it.
+and ``torch.export`` trace through it. The same kernel runs V2 (``sdpadiff::cpu_fused_v2_*``: both
+maps read one kv head, values of width d, λ per token) and grouped differential attention
+(``sdpadiff::cpu_fused_gda_*``: one noise map per ``r`` signal maps).
 
 What it computes: see the C++ file's header. In short, per (batch, kv group, block of up to
 ``FWD_BLOCK_ROWS`` stacked query rows; ``BWD_BLOCK_ROWS`` in the backward) and key tiles of ``KEY_TILE`` keys: both maps' scores by GEMM,
@@ -30,7 +32,7 @@ import torch
 
 from ..masks import AttentionMask
 
-__all__ = ["DTYPES", "build", "cpu_fused", "cpu_fused_grouped", "library_path", "not_supported_reasons", "row_intervals"]
+__all__ = ["DTYPES", "build", "cpu_fused", "cpu_fused_grouped", "cpu_fused_v2", "library_path", "not_supported_reasons", "row_intervals"]
 
 _log = logging.getLogger(__name__)
 
@@ -146,49 +148,52 @@ def library_path(module=None) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("sdpadiff::cpu_fused_fwd", mutates_args=(), device_types="cpu")
-def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, lo: torch.Tensor,
-         hi: torch.Tensor, mask: torch.Tensor | None, scale: float, block_rows: int,
-         key_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _load().fwd(q, k, v, lam, lo, hi, mask, scale, block_rows, key_tile)
-    return out, lse
+def _define_maps_ops(name: str, kernel_fwd: str, kernel_bwd: str) -> None:
+    """The ops ``sdpadiff::{name}_fwd`` and ``{name}_bwd`` over ``q (B, 2H, Lq, d)`` (V1 and V2:
+    both maps of each head in q), with their fake forms and autograd."""
+
+    def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, lo: torch.Tensor,
+            hi: torch.Tensor, mask: torch.Tensor | None, scale: float, block_rows: int,
+            key_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = getattr(_load(), kernel_fwd)(q, k, v, lam, lo, hi, mask, scale, block_rows, key_tile)
+        return out, lse
+
+    def fwd_fake(q, k, v, lam, lo, hi, mask, scale, block_rows, key_tile):
+        b, h2, lq, _ = q.shape
+        return q.new_empty(b, h2 // 2, lq, v.shape[-1]), q.new_empty(b, h2 // 2, 4, lq, dtype=torch.float32)
+
+    def bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
+            lo: torch.Tensor, hi: torch.Tensor, mask: torch.Tensor | None, lse: torch.Tensor, scale: float,
+            block_rows: int, key_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv, dlam = getattr(_load(), kernel_bwd)(grad_out, q, k, v, lam, lo, hi, mask, lse, scale,
+                                                        block_rows, key_tile)
+        return dq, dk, dv, dlam
+
+    def bwd_fake(grad_out, q, k, v, lam, lo, hi, mask, lse, scale, block_rows, key_tile):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(lam.shape)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, lam, lo, hi, mask, scale, block_rows, key_tile = inputs
+        ctx.save_for_backward(q, k, v, lam, lo, hi, output[1], *(() if mask is None else (mask,)))
+        ctx.has_mask = mask is not None
+        ctx.args = (scale, BWD_BLOCK_ROWS, key_tile)
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, lam, lo, hi, lse, *rest = ctx.saved_tensors
+        mask = rest[0] if ctx.has_mask else None
+        dq, dk, dv, dlam = getattr(torch.ops.sdpadiff, f"{name}_bwd")(grad_out.contiguous(), q, k, v, lam, lo, hi,
+                                                                      mask, lse, *ctx.args)
+        return dq, dk, dv, dlam, None, None, None, None, None, None
+
+    op_fwd = torch.library.custom_op(f"sdpadiff::{name}_fwd", fwd, mutates_args=(), device_types="cpu")
+    op_fwd.register_fake(fwd_fake)
+    op_bwd = torch.library.custom_op(f"sdpadiff::{name}_bwd", bwd, mutates_args=(), device_types="cpu")
+    op_bwd.register_fake(bwd_fake)
+    torch.library.register_autograd(f"sdpadiff::{name}_fwd", backward, setup_context=setup_context)
 
 
-@_fwd.register_fake
-def _(q, k, v, lam, lo, hi, mask, scale, block_rows, key_tile):
-    b, h2, lq, d = q.shape
-    return q.new_empty(b, h2 // 2, lq, 2 * d), q.new_empty(b, h2 // 2, 4, lq, dtype=torch.float32)
-
-
-@torch.library.custom_op("sdpadiff::cpu_fused_bwd", mutates_args=(), device_types="cpu")
-def _bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
-         lo: torch.Tensor, hi: torch.Tensor, mask: torch.Tensor | None, lse: torch.Tensor, scale: float,
-         block_rows: int, key_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dlam = _load().bwd(grad_out, q, k, v, lam, lo, hi, mask, lse, scale, block_rows, key_tile)
-    return dq, dk, dv, dlam
-
-
-@_bwd.register_fake
-def _(grad_out, q, k, v, lam, lo, hi, mask, lse, scale, block_rows, key_tile):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(lam.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, lam, lo, hi, mask, scale, block_rows, key_tile = inputs
-    ctx.save_for_backward(q, k, v, lam, lo, hi, output[1], *(() if mask is None else (mask,)))
-    ctx.has_mask = mask is not None
-    ctx.args = (scale, BWD_BLOCK_ROWS, key_tile)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, lam, lo, hi, lse, *rest = ctx.saved_tensors
-    mask = rest[0] if ctx.has_mask else None
-    dq, dk, dv, dlam = torch.ops.sdpadiff.cpu_fused_bwd(grad_out.contiguous(), q, k, v, lam, lo, hi, mask, lse,
-                                                        *ctx.args)
-    return dq, dk, dv, dlam, None, None, None, None, None, None
-
-
-torch.library.register_autograd("sdpadiff::cpu_fused_fwd", _backward, setup_context=_setup_context)
+_define_maps_ops("cpu_fused", "fwd", "bwd")  # V1: v (B, Hkv, Lk, 2d), lam (H,)
+_define_maps_ops("cpu_fused_v2", "v2_fwd", "v2_bwd")  # V2: k, v (B, Hkv, Lk, d), lam (B, H, Lq)
 
 
 # Grouped differential attention (GDA): N_s signal queries and N_n noise queries, one noise softmax
@@ -313,6 +318,22 @@ def cpu_fused(q, k, v, lam, mask: AttentionMask, scale: float) -> torch.Tensor:
     if _direct((q, k, v, lam)):
         return _load().fwd(*args)[0]
     out, _ = torch.ops.sdpadiff.cpu_fused_fwd(*args)
+    return out
+
+
+def cpu_fused_v2(q, k, v, lam, mask: AttentionMask, scale: float) -> torch.Tensor:
+    """Differential attention V2 through the same kernel: ``q (B, 2H, Lq, d)``, ``k`` and ``v``
+    ``(B, Hkv, Lk, d)`` (both maps of head i read kv head ``i // (H / Hkv)``), ``lam (B, H, Lq)``
+    per token; returns ``(B, H, Lq, d)``. ``A1 − λ·A2`` is formed per key tile before one product
+    with v of width d: 6d FLOPs per (query, key) pair and head, against 8d for the two maps'
+    attention followed by the difference."""
+    lo, hi = row_intervals(mask, q.device)
+    lam = lam.to(torch.float32).contiguous()
+    args = (q.contiguous(), _rows_dense(k), _rows_dense(v), lam, lo, hi, _kernel_mask(mask), float(scale),
+            FWD_BLOCK_ROWS, KEY_TILE)
+    if _direct((q, k, v, lam)):
+        return _load().v2_fwd(*args)[0]
+    out, _ = torch.ops.sdpadiff.cpu_fused_v2_fwd(*args)
     return out
 
 

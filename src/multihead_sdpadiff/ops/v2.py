@@ -19,6 +19,7 @@ import dataclasses
 import torch
 
 from ..masks import AttentionMask, prepare_mask
+from . import cpu_fused as _cpu_fused
 from .reference import diff_attention_maps
 from .registry import FLOAT_DTYPES as _FLOAT
 from .registry import AutoRule, OpInputs, Registry, Strategy, check_lam_tensor, check_qkv, check_scale
@@ -68,10 +69,32 @@ _register(Strategy("sdpa", sdpa_v2,
                    flops=1.0, score_memory="O(N)", dtypes=_FLOAT,
                    notes="On CUDA, GQA with a mask is expanded to 2H kv heads first (see ops/sdpa.py _sdpa)."))
 
+
+def _cpu_fused_reasons(inputs: OpInputs) -> list[str]:
+    m = inputs.mask.tensor
+    reasons = _cpu_fused.not_supported_reasons()
+    if m is not None and m.requires_grad and torch.is_grad_enabled():
+        reasons.append("attn_mask requires grad and this strategy gives the mask no gradient (use reference or sdpa)")
+    return reasons
+
+
+_register(Strategy("cpu_fused", _cpu_fused.cpu_fused_v2,
+                   "fused C++ CPU kernel: both maps' scores per key tile, A1 - lam*A2 per tile, one product "
+                   "with v of width d; recomputing backward",
+                   flops=0.75, score_memory="O(block*N)", devices=frozenset({"cpu"}), dtypes=_cpu_fused.DTYPES,
+                   check=_cpu_fused_reasons,
+                   notes="V1's kernel with both maps reading one kv head, values of width d and lam per token. "
+                         "Compiled on first use; float64 stays on sdpa."))
 #: Names accepted by ``diff_attention_v2(impl=...)`` and ``MultiheadDiffAttnV2(impl=...)``.
 IMPLS_V2: tuple[str, ...] = REGISTRY_V2.names()
 
-REGISTRY_V2.rules = (AutoRule("sdpa", "one SDPA call with GQA: flash on CPU, the fused kernels on CUDA"),)
+# Measured with `sdpadiff bench --op v2` (docs/benchmarks.md): on CPU cpu_fused runs at 0.5-0.65x of
+# sdpa for prefill and training (6d FLOPs per pair against 8d) and at or below it for decode.
+REGISTRY_V2.rules = (
+    AutoRule("cpu_fused", "CPU: fused C++ kernel, A1 - lam*A2 before one product with v (0.75x the FLOPs)",
+             device="cpu"),
+    AutoRule("sdpa", "one SDPA call with GQA: flash on CPU (float64, no C++ compiler), the fused kernels on CUDA"),
+)
 
 
 def _prepare(q, k, v, lam, attn_mask, is_causal, scale, window=None, cu=None) -> OpInputs:
@@ -146,7 +169,8 @@ def diff_attention_v2(
             ``(-1, -1)``), aligned bottom-right: query ``j`` at ``p = j + Lk - Lq`` sees key ``t``
             iff ``p - left <= t <= p + right``. Combines with ``is_causal`` and ``attn_mask``.
         scale: score scale, default ``d ** -0.5``.
-        impl: a name from :data:`IMPLS_V2`; ``"auto"`` picks ``"sdpa"``. A named strategy that
+        impl: a name from :data:`IMPLS_V2`; ``"auto"`` picks ``"cpu_fused"`` on CPU where it can run
+            (float32, bfloat16, float16), else ``"sdpa"``. A named strategy that
             cannot run the inputs raises a ValueError with its reasons; nothing falls back.
 
     A query row that may see no key (all ``False`` or all ``-inf``) returns zeros.

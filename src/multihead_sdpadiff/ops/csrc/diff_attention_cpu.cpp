@@ -3,6 +3,10 @@
 //
 //   A1 = softmax(Q1 K1^T s + M)   A2 = softmax(Q2 K2^T s + M)   O = (A1 - lam A2) V
 //
+// The same kernel serves three layouts (see Geometry): V1 (above); V2, whose two maps read one kv
+// head, with values of width d and lam per query row; and GDA (grouped differential attention),
+// where one noise map (the A2 role) serves r signal maps.
+//
 // Work is split by at::parallel_for over (batch, kv group, query block). The rep = H / Hkv heads
 // of a group are stacked along the rows of a block, so k and v are read in place (never repeated)
 // and each key tile is used by every head of the group while it is in cache.
@@ -203,6 +207,13 @@ inline float exp_row(float* s, int64_t n, int64_t c0, int64_t c1, float sub, flo
 // softmax serves r signal heads. The dense mask is indexed by the noise head (V1: the head).
 struct Geometry {
   int64_t B, H, Nn, Hkv, rep, rep2, r, Lq, Lk, d, nq, nblocks, KT;
+  int64_t dv;          // the value width: 2d (V1, GDA) or d (V2)
+  int64_t nkh;         // heads of k: 2 Hkv (a K1, K2 pair per group) or Hkv (V2: both maps read one key)
+  int64_t kh1m, kh2o;  // group g's K1 is k head g * kh1m, its K2 is kh2o heads further (1, or 0 in V2)
+  // lam of signal head j at query row i of batch bi is lam[bi * lmb + j * lmh + i * lmi]; nlam
+  // entries in all: (H,) per head (V1, GDA) or (B, H, Lq) per token (V2).
+  int64_t lmb, lmh, lmi, nlam;
+  inline int64_t lam_at(int64_t bi, int64_t j, int64_t i) const { return bi * lmb + j * lmh + i * lmi; }
   int64_t lo_sb;     // batch stride of lo/hi (0 when shared by the batch)
   int64_t ksb, ksh;  // batch and head strides of k (its rows are dense: sequence stride d)
   int64_t vsb, vsh;  // the same for v (sequence stride 2d)
@@ -228,8 +239,8 @@ inline void block_keys(const Geometry& G, const int32_t* lo, const int32_t* hi, 
   if (khi <= klo) klo = khi = 0;
 }
 
-// Sizes shared by both layouts: signal heads H, noise heads Nn, kv pairs Hkv.
-Geometry geometry(int64_t H, int64_t Nn, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo,
+// Sizes shared by the layouts: signal heads H, noise heads Nn, kv groups Hkv.
+Geometry geometry(int64_t H, int64_t Nn, int64_t Hkv, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo,
                   int64_t Lq, int64_t d, int64_t block_rows, int64_t key_tile) {
   Geometry G;
   G.B = k.size(0);
@@ -237,8 +248,17 @@ Geometry geometry(int64_t H, int64_t Nn, const at::Tensor& k, const at::Tensor& 
   G.Nn = Nn;
   G.Lq = Lq;
   G.d = d;
-  G.Hkv = k.size(1) / 2;
+  G.Hkv = Hkv;
+  G.dv = v.size(3);
+  G.nkh = k.size(1);
+  G.kh1m = G.nkh / G.Hkv;
+  G.kh2o = G.kh1m - 1;
+  G.lmb = 0;
+  G.lmh = 1;
+  G.lmi = 0;
+  G.nlam = H;
   G.Lk = k.size(2);
+  TORCH_CHECK(Hkv > 0 && Nn > 0 && H % Nn == 0 && H % Hkv == 0 && Nn % Hkv == 0, "cpu_fused: head counts must divide");
   G.rep = G.H / G.Hkv;
   G.rep2 = G.Nn / G.Hkv;
   G.r = G.H / G.Nn;
@@ -253,17 +273,22 @@ Geometry geometry(int64_t H, int64_t Nn, const at::Tensor& k, const at::Tensor& 
   return G;
 }
 
-// V1: q (B, 2H, Lq, d) with head h's maps at 2h and 2h + 1; lse (B, H, 4, Lq).
+// q (B, 2H, Lq, d) with head h's maps at 2h and 2h + 1; lse (B, H, 4, Lq) (V1 and V2).
+void set_v1_layout(Geometry& G) {
+  G.q1b = G.q2b = 2 * G.H * G.Lq * G.d;
+  G.q1h = G.q2h = 2 * G.Lq * G.d;
+  G.lsb = 4 * G.H * G.Lq;
+  G.ls1h = G.ls2h = 4 * G.Lq;
+  G.ls1o = 0;
+  G.ls2o = 2 * G.Lq;
+}
+
+// V1: q as above; k (B, 2Hkv, Lk, d) (a K1, K2 pair per group), v (B, Hkv, Lk, 2d), lam (H,).
 Geometry geometry_v1(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo,
                      int64_t block_rows, int64_t key_tile) {
   const int64_t H = q.size(1) / 2, Lq = q.size(2), d = q.size(3);
-  Geometry G = geometry(H, H, k, v, lo, Lq, d, block_rows, key_tile);
-  G.q1b = G.q2b = 2 * H * Lq * d;
-  G.q1h = G.q2h = 2 * Lq * d;
-  G.lsb = 4 * H * Lq;
-  G.ls1h = G.ls2h = 4 * Lq;
-  G.ls1o = 0;
-  G.ls2o = 2 * Lq;
+  Geometry G = geometry(H, H, k.size(1) / 2, k, v, lo, Lq, d, block_rows, key_tile);
+  set_v1_layout(G);
   return G;
 }
 
@@ -271,7 +296,7 @@ Geometry geometry_v1(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 Geometry geometry_gda(const at::Tensor& qs, const at::Tensor& qn, const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& lo, int64_t block_rows, int64_t key_tile) {
   const int64_t H = qs.size(1), Nn = qn.size(1), Lq = qs.size(2), d = qs.size(3);
-  Geometry G = geometry(H, Nn, k, v, lo, Lq, d, block_rows, key_tile);
+  Geometry G = geometry(H, Nn, k.size(1) / 2, k, v, lo, Lq, d, block_rows, key_tile);
   G.q1b = H * Lq * d;
   G.q2b = Nn * Lq * d;
   G.q1h = G.q2h = Lq * d;
@@ -280,6 +305,20 @@ Geometry geometry_gda(const at::Tensor& qs, const at::Tensor& qn, const at::Tens
   G.ls1o = 0;
   G.ls2o = 2 * H * Lq;
   return G;
+}
+
+// V2: q as in V1; k and v (B, Hkv, Lk, d), both maps of head h reading kv head h / (H / Hkv);
+// lam (B, H, Lq) per token.
+Geometry geometry_v2(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo,
+                     int64_t block_rows, int64_t key_tile) {
+  const int64_t H = q.size(1) / 2, Lq = q.size(2), d = q.size(3);
+  Geometry V = geometry(H, H, k.size(1), k, v, lo, Lq, d, block_rows, key_tile);
+  set_v1_layout(V);
+  V.lmb = V.H * V.Lq;
+  V.lmh = V.Lq;
+  V.lmi = 1;
+  V.nlam = V.B * V.H * V.Lq;
+  return V;
 }
 
 Mask make_mask(const c10::optional<at::Tensor>& mask_opt, const Geometry& G) {
@@ -332,7 +371,7 @@ template <typename T>
 void forward_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lam,
                     const at::Tensor& lo_t, const at::Tensor& hi_t, const Mask& mask, double scale_d,
                     const Geometry& G, at::Tensor& out, at::Tensor& lse) {
-  const int64_t d = G.d, d2 = 2 * d, Lq = G.Lq, Lk = G.Lk, KT = G.KT;
+  const int64_t d = G.d, d2 = G.dv, Lq = G.Lq, Lk = G.Lk, KT = G.KT;  // d2: the value width
   const float scale = static_cast<float>(scale_d);
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
@@ -405,8 +444,8 @@ void forward_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::T
         std::copy_n(q1p + bi * G.q1b + sig(r) * G.q1h + (i0 + r % nqb) * d, d, Q1.data() + r * d);
       for (int64_t r = 0; r < R2; r++)
         std::copy_n(q2p + bi * G.q2b + noi(r) * G.q2h + (i0 + r % nqb) * d, d, Q2.data() + r * d);
-      const T* k1 = kp + bi * G.ksb + 2 * g * G.ksh;
-      const T* k2 = k1 + G.ksh;
+      const T* k1 = kp + bi * G.ksb + g * G.kh1m * G.ksh;
+      const T* k2 = k1 + G.kh2o * G.ksh;
       const T* vg = vp + bi * G.vsb + g * G.vsh;
       const int64_t nt = (khi - klo + KT - 1) / KT;
       const bool small = R1 < SMALL_ROWS;
@@ -442,9 +481,9 @@ void forward_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::T
           scores_small<T>(R1, n, d, Qf1, k1 + t0 * d, e1, ldE, row.data());
           scores_small<T>(R2, n, d, Qf2, k2 + t0 * d, e2, ldE, row.data());
         } else {
-          const float* kt1 = ktp + (bi * 2 * G.Hkv + 2 * g) * d * Lk;
+          const float* kt1 = ktp + (bi * G.nkh + g * G.kh1m) * d * Lk;
           gemm<float>(R1, n, d, Qf1, d, kt1 + t0, Lk, e1, ldE, false);
-          gemm<float>(R2, n, d, Qf2, d, kt1 + d * Lk + t0, Lk, e2, ldE, false);
+          gemm<float>(R2, n, d, Qf2, d, kt1 + G.kh2o * d * Lk + t0, Lk, e2, ldE, false);
         }
         exps(e1, R1, m1.data(), l1.data(), t, t0, n, [&](int64_t r) { return sig(r) / G.r; });
         exps(e2, R2, m2.data(), l2.data(), t, t0, n, noi);
@@ -471,7 +510,7 @@ void forward_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::T
         const int64_t t0 = klo + t * KT, t1 = std::min(khi, t0 + KT), n = t1 - t0;
         for (int64_t r = 0; r < R1; r++) {
           const int64_t rn = noise_of(r);
-          const float lam_h = lamp[sig(r)];
+          const float lam_h = lamp[G.lam_at(bi, sig(r), i0 + r % nqb)];
           const float mt1 = m1[r * nt + t], mt2 = m2[rn * nt + t];
           const float a = (L1[r] > 0.f && mt1 != NEG_INF) ? std::exp(mt1 - M1[r]) / L1[r] : 0.f;
           const float b = (L2[rn] > 0.f && mt2 != NEG_INF) ? lam_h * std::exp(mt2 - M2[rn]) / L2[rn] : 0.f;
@@ -506,7 +545,7 @@ constexpr int64_t SPLIT_MIN_KEYS = 256;
 
 int64_t decode_chunks(const Geometry& G) {
   const int64_t ntasks = G.B * G.Hkv * G.nblocks, nthr = at::get_num_threads();
-  if (G.rep * std::min(G.nq, G.Lq) >= SMALL_ROWS || ntasks >= nthr) return 1;
+  if (ntasks == 0 || G.rep * std::min(G.nq, G.Lq) >= SMALL_ROWS || ntasks >= nthr) return 1;
   return std::max<int64_t>(1, std::min<int64_t>((nthr + ntasks - 1) / ntasks, G.Lk / SPLIT_MIN_KEYS));
 }
 
@@ -514,7 +553,7 @@ template <typename T>
 void decode_split_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lam,
                          const at::Tensor& lo_t, const at::Tensor& hi_t, const Mask& mask, double scale_d,
                          const Geometry& G, int64_t S, at::Tensor& out, at::Tensor& lse) {
-  const int64_t d = G.d, d2 = 2 * d, Lq = G.Lq, Lk = G.Lk;
+  const int64_t d = G.d, d2 = G.dv, Lq = G.Lq, Lk = G.Lk;
   const float scale = static_cast<float>(scale_d);
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
@@ -565,10 +604,10 @@ void decode_split_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const 
                                  : q2p + tk.bi * G.q2b + head(r) * G.q2h + i * d;
         to_float<T>(src, Qf.data() + r * d, d);
       }
-      const T* k1 = kp + tk.bi * G.ksb + 2 * tk.g * G.ksh;
+      const T* k1 = kp + tk.bi * G.ksb + tk.g * G.kh1m * G.ksh;
       const T* vg = vp + tk.bi * G.vsb + tk.g * G.vsh;
       scores_small<T>(tk.R1, n, d, Qf.data(), k1 + t0 * d, E.data(), CL, row.data());
-      scores_small<T>(tk.R2, n, d, Qf.data() + tk.R1 * d, k1 + G.ksh + t0 * d, E.data() + tk.R1 * CL, CL, row.data());
+      scores_small<T>(tk.R2, n, d, Qf.data() + tk.R1 * d, k1 + G.kh2o * G.ksh + t0 * d, E.data() + tk.R1 * CL, CL, row.data());
       for (int64_t r = 0; r < R; r++) {
         const int64_t i = tk.i0 + r % tk.nqb;
         const int64_t c0 = std::clamp<int64_t>(lo[tk.bi * G.lo_sb + i] - t0, 0, n);
@@ -613,7 +652,7 @@ void decode_split_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const 
         for (int64_t c = 0; c < S; c++) {
           const float m1 = m[c * Rt + r], m2 = m[c * Rt + rn];
           const float a = (L[r] > 0.f && m1 != NEG_INF) ? std::exp(m1 - M[r]) / L[r] : 0.f;
-          const float b = (L[rn] > 0.f && m2 != NEG_INF) ? lamp[j] * std::exp(m2 - M[rn]) / L[rn] : 0.f;
+          const float b = (L[rn] > 0.f && m2 != NEG_INF) ? lamp[G.lam_at(tk.bi, j, tk.i0 + r % tk.nqb)] * std::exp(m2 - M[rn]) / L[rn] : 0.f;
           const float* o1 = o + (c * Rt + r) * d2;
           const float* o2 = o + (c * Rt + rn) * d2;
           for (int64_t e = 0; e < d2; e++) acc[e] += a * o1[e] - b * o2[e];
@@ -635,13 +674,13 @@ void dispatch(const at::Tensor& q, F&& f) {
   });
 }
 
-std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lam,
-                            const at::Tensor& lo, const at::Tensor& hi, const c10::optional<at::Tensor>& mask_opt,
-                            double scale, int64_t block_rows, int64_t key_tile) {
-  check_inputs({&q}, k, v, lam, lo, hi);
-  Geometry G = geometry_v1(q, k, v, lo, block_rows, key_tile);
+// V1 and V2 (q holds both maps of each head) through one geometry.
+std::vector<at::Tensor> fwd_maps(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lam,
+                                 const at::Tensor& lo, const at::Tensor& hi, const c10::optional<at::Tensor>& mask_opt,
+                                 double scale, const Geometry& G) {
+  TORCH_CHECK(lam.numel() == G.nlam, "cpu_fused: lam has the wrong number of entries");
   Mask mask = make_mask(mask_opt, G);
-  at::Tensor out = at::empty({G.B, G.H, G.Lq, 2 * G.d}, q.options());
+  at::Tensor out = at::empty({G.B, G.H, G.Lq, G.dv}, q.options());
   at::Tensor lse = at::empty({G.B, G.H, 4, G.Lq}, q.options().dtype(at::kFloat));  // max1, sum1, max2, sum2
   dispatch(q, [&](auto x) {
     using T = decltype(x);
@@ -653,6 +692,22 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
       forward_kernel<T>(qp, qp + G.Lq * G.d, k, v, lam, lo, hi, mask, scale, G, out, lse);
   });
   return {out, lse};
+}
+
+std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lam,
+                            const at::Tensor& lo, const at::Tensor& hi, const c10::optional<at::Tensor>& mask_opt,
+                            double scale, int64_t block_rows, int64_t key_tile) {
+  check_inputs({&q}, k, v, lam, lo, hi);
+  return fwd_maps(q, k, v, lam, lo, hi, mask_opt, scale, geometry_v1(q, k, v, lo, block_rows, key_tile));
+}
+
+std::vector<at::Tensor> v2_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lam,
+                               const at::Tensor& lo, const at::Tensor& hi, const c10::optional<at::Tensor>& mask_opt,
+                               double scale, int64_t block_rows, int64_t key_tile) {
+  check_inputs({&q}, k, v, lam, lo, hi);
+  TORCH_CHECK(k.size(1) > 0 && (q.size(1) / 2) % k.size(1) == 0 && v.size(3) == q.size(3),
+              "cpu_fused: V2 needs Hkv dividing H and v as wide as q");
+  return fwd_maps(q, k, v, lam, lo, hi, mask_opt, scale, geometry_v2(q, k, v, lo, block_rows, key_tile));
 }
 
 std::vector<at::Tensor> gda_fwd(const at::Tensor& qs, const at::Tensor& qn, const at::Tensor& k, const at::Tensor& v,
@@ -688,7 +743,7 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
                      const at::Tensor& lam, const at::Tensor& lo_t, const at::Tensor& hi_t, const Mask& mask,
                      const at::Tensor& lse, double scale_d, const Geometry& G, T* dq1p, T* dq2p,
                      at::Tensor& dkT_acc, at::Tensor& dvT_acc, at::Tensor& dlam_acc) {
-  const int64_t d = G.d, d2 = 2 * d, Lq = G.Lq, Lk = G.Lk, KT = G.KT;
+  const int64_t d = G.d, d2 = G.dv, Lq = G.Lq, Lk = G.Lk, KT = G.KT;  // d2: the value width
   const float scale = static_cast<float>(scale_d);
   at::Tensor kt = k.transpose(-1, -2).contiguous();  // (B, 2Hkv, d, Lk)
   at::Tensor vt = v.transpose(-1, -2).contiguous();  // (B, Hkv, 2d, Lk)
@@ -706,9 +761,9 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
 
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t tid = std::min<int64_t>(at::get_thread_num(), nthreads - 1);
-    float* dkT = dkT_acc.data_ptr<float>() + tid * G.B * 2 * G.Hkv * d * Lk;
+    float* dkT = dkT_acc.data_ptr<float>() + tid * G.B * G.nkh * d * Lk;
     float* dvT = dvT_acc.data_ptr<float>() + tid * G.B * G.Hkv * d2 * Lk;
-    double* dlam = dlam_acc.data_ptr<double>() + tid * G.H;
+    double* dlam = dlam_acc.data_ptr<double>() + tid * G.nlam;
     // Score buffers are tile-major, as in the forward.
     const int64_t ldE = KT, ntiles = (Lk + KT - 1) / KT;
     std::vector<T> Q1(R1max * d), Q2(R2max * d), QT1(d * R1max), QT2(d * R2max), dO(R1max * d2), dOT(d2 * R1max);
@@ -767,13 +822,13 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
         to_float<T>(QT1.data(), QTf.data(), d * R1);
         to_float<T>(QT2.data(), QTf.data() + d * R1, d * R2);
       }
-      const T* kt1 = ktp + (bi * 2 * G.Hkv + 2 * g) * d * Lk;
-      const T* kt2 = kt1 + d * Lk;
-      const T* k1 = kp + bi * G.ksb + 2 * g * G.ksh;
-      const T* k2 = k1 + G.ksh;
+      const T* kt1 = ktp + (bi * G.nkh + g * G.kh1m) * d * Lk;
+      const T* kt2 = kt1 + G.kh2o * d * Lk;
+      const T* k1 = kp + bi * G.ksb + g * G.kh1m * G.ksh;
+      const T* k2 = k1 + G.kh2o * G.ksh;
       const T* vtg = vtp + (bi * G.Hkv + g) * d2 * Lk;
-      float* dkT1 = dkT + (bi * 2 * G.Hkv + 2 * g) * d * Lk;
-      float* dkT2 = dkT1 + d * Lk;
+      float* dkT1 = dkT + (bi * G.nkh + g * G.kh1m) * d * Lk;
+      float* dkT2 = dkT1 + G.kh2o * d * Lk;  // the same buffer in V2: both maps' dK add up
       float* dvTg = dvT + (bi * G.Hkv + g) * d2 * Lk;
       const int64_t nt = (khi - klo + KT - 1) / KT;
       const int64_t W = fVec::size();
@@ -807,7 +862,7 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
           const float* s2 = p2 + noise_of(r) * ldE;
           const float* dar = da + r * ldE;
           probs(s1, n, t0, r, lse1[r], sum1[r], sig(r) / G.r);
-          const float lam_h = lamp[sig(r)];
+          const float lam_h = lamp[G.lam_at(bi, sig(r), i0 + r % nqb)];
           fVec acc1(0.f), acc2(0.f);
           const fVec vl(lam_h);
           float* a_out;
@@ -855,7 +910,7 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
           const int64_t first = (rn / nqb) * G.r * nqb + rn % nqb;
           if (G.r == 1) {
             const float* dar = da + first * ldE;
-            const float nl = -lamp[sig(first)] * scale;
+            const float nl = -lamp[G.lam_at(bi, sig(first), i0 + first % nqb)] * scale;
             const fVec va(a2[first]), vnl(nl);
             int64_t c = 0;
             for (; c + W <= n; c += W) (fVec::loadu(s2 + c) * (fVec::loadu(dar + c) - va) * vnl).store(s2 + c);
@@ -865,7 +920,7 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
             for (int64_t u = 0; u < G.r; u++) {
               const int64_t rs = first + u * nqb;
               const float* dar = da + rs * ldE;
-              const float nl = -lamp[sig(rs)] * scale;
+              const float nl = -lamp[G.lam_at(bi, sig(rs), i0 + rs % nqb)] * scale;
               const fVec va(a2[rs]), vnl(nl);
               int64_t c = 0;
               for (; c + W <= n; c += W)
@@ -908,7 +963,7 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
       }
       for (int64_t r = 0; r < R1; r++) {
         from_float<T>(dQ1.data() + r * d, dq1p + q1row(r), d);
-        dlam[sig(r)] -= a2[r];
+        dlam[G.lam_at(bi, sig(r), i0 + r % nqb)] -= a2[r];
       }
       for (int64_t r = 0; r < R2; r++) from_float<T>(dQ2.data() + r * d, dq2p + q2row(r), d);
     }
@@ -922,9 +977,9 @@ struct GradBuffers {
   GradBuffers(const Geometry& G, const at::Tensor& like) {
     T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), G.B * G.Hkv * G.nblocks));
     auto f32 = like.options().dtype(at::kFloat);
-    dkT = at::zeros({T, G.B, 2 * G.Hkv, G.d, G.Lk}, f32);
-    dvT = at::zeros({T, G.B, G.Hkv, 2 * G.d, G.Lk}, f32);
-    dlam = at::zeros({T, G.H}, like.options().dtype(at::kDouble));
+    dkT = at::zeros({T, G.B, G.nkh, G.d, G.Lk}, f32);
+    dvT = at::zeros({T, G.B, G.Hkv, G.dv, G.Lk}, f32);
+    dlam = at::zeros({T, G.nlam}, like.options().dtype(at::kDouble));
   }
   at::Tensor dk(at::ScalarType t) const { return (T == 1 ? dkT[0] : dkT.sum(0)).transpose(-1, -2).to(t).contiguous(); }
   at::Tensor dv(at::ScalarType t) const { return (T == 1 ? dvT[0] : dvT.sum(0)).transpose(-1, -2).to(t).contiguous(); }
@@ -936,13 +991,12 @@ void check_grad_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Te
   TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat, "cpu_fused: lse must be contiguous float32");
 }
 
-std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& lam, const at::Tensor& lo, const at::Tensor& hi,
-                            const c10::optional<at::Tensor>& mask_opt, const at::Tensor& lse, double scale,
-                            int64_t block_rows, int64_t key_tile) {
-  check_inputs({&q}, k, v, lam, lo, hi);
+std::vector<at::Tensor> bwd_maps(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& lam, const at::Tensor& lo, const at::Tensor& hi,
+                                 const c10::optional<at::Tensor>& mask_opt, const at::Tensor& lse, double scale,
+                                 const Geometry& G) {
   check_grad_inputs(dout, q, lse);
-  Geometry G = geometry_v1(q, k, v, lo, block_rows, key_tile);
+  TORCH_CHECK(lam.numel() == G.nlam, "cpu_fused: lam has the wrong number of entries");
   Mask mask = make_mask(mask_opt, G);
   GradBuffers buf(G, q);
   at::Tensor dq = at::empty_like(q);
@@ -954,7 +1008,23 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
     backward_kernel<T>(dout, qp, qp + off, k, v, lam, lo, hi, mask, lse, scale, G, dqp, dqp + off, buf.dkT, buf.dvT,
                        buf.dlam);
   });
-  return {dq, buf.dk(q.scalar_type()), buf.dv(q.scalar_type()), buf.dl()};
+  return {dq, buf.dk(q.scalar_type()), buf.dv(q.scalar_type()), buf.dl().view(lam.sizes())};
+}
+
+std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& lam, const at::Tensor& lo, const at::Tensor& hi,
+                            const c10::optional<at::Tensor>& mask_opt, const at::Tensor& lse, double scale,
+                            int64_t block_rows, int64_t key_tile) {
+  check_inputs({&q}, k, v, lam, lo, hi);
+  return bwd_maps(dout, q, k, v, lam, lo, hi, mask_opt, lse, scale, geometry_v1(q, k, v, lo, block_rows, key_tile));
+}
+
+std::vector<at::Tensor> v2_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& lam, const at::Tensor& lo, const at::Tensor& hi,
+                               const c10::optional<at::Tensor>& mask_opt, const at::Tensor& lse, double scale,
+                               int64_t block_rows, int64_t key_tile) {
+  check_inputs({&q}, k, v, lam, lo, hi);
+  return bwd_maps(dout, q, k, v, lam, lo, hi, mask_opt, lse, scale, geometry_v2(q, k, v, lo, block_rows, key_tile));
 }
 
 std::vector<at::Tensor> gda_bwd(const at::Tensor& dout, const at::Tensor& qs, const at::Tensor& qn, const at::Tensor& k,
@@ -989,6 +1059,8 @@ bool vec_is_native() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "fused differential attention forward: (out, lse)");
   m.def("bwd", &bwd, "fused differential attention backward: (dq, dk, dv, dlam)");
+  m.def("v2_fwd", &v2_fwd, "fused differential attention V2 forward (lam per token): (out, lse)");
+  m.def("v2_bwd", &v2_bwd, "fused differential attention V2 backward: (dq, dk, dv, dlam)");
   m.def("gda_fwd", &gda_fwd, "fused grouped differential attention forward: (out, lse)");
   m.def("gda_bwd", &gda_bwd, "fused grouped differential attention backward: (dq_signal, dq_noise, dk, dv, dlam)");
   m.def("decode_chunks", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo,
