@@ -61,7 +61,7 @@ from .layers import MultiheadDiffAttn, check_position_ids, check_rel_pos
 from .layers_v2 import MultiheadDiffAttnV2
 from .masks import check_cu_seqlens, check_window
 from .models.attention import StandardAttention
-from .models.transformer import CausalLMOutput, DiffTransformer, check_values
+from .models.transformer import CausalLMOutput, DiffTransformer, check_labels
 from .ops import diff_attention, diff_attention_varlen
 from .ops.v2 import diff_attention_v2, diff_attention_v2_varlen
 
@@ -186,25 +186,11 @@ def _plain_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits.full_tensor() if isinstance(logits, DTensor) else logits
 
 
-def _check_labels(labels, b: int, length: int, vocab: int) -> None:
-    # The checks of DiffTransformer.forward, which this path calls without labels.
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a tensor or None, got {type(labels).__name__}")
-    if tuple(labels.shape) != (b, length):
-        raise ValueError(f"labels must be (B, L)={(b, length)}, got {tuple(labels.shape)}")
-    if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must hold integer token ids (or -100), got dtype {labels.dtype}")
-    if labels.numel() and check_values(labels):
-        bad = (labels != -100) & ((labels < 0) | (labels >= vocab))
-        if bool(bad.any()):
-            raise ValueError(f"labels must lie in [0, vocab_size={vocab}) or be -100 (ignored), got {int(labels[bad][0])}")
-
-
 def _tp_vocab_lm_forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None, *,
                          return_attention=False, cu_seqlens=None):
     """DiffTransformer.forward with a vocab-parallel head: the logits are gathered, then the loss."""
     if labels is not None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
-        _check_labels(labels, *input_ids.shape, self.config.vocab_size)
+        check_labels(labels, *input_ids.shape, self.config.vocab_size)
     packed = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}
     out = type(self).forward(self, input_ids, attention_mask, position_ids, cache, None,
                              return_attention=return_attention, **packed)

@@ -49,6 +49,20 @@ def check_values(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("SDPADIFF_DEBUG") == "1"
 
 
+def check_labels(labels, b: int, length: int, vocab: int) -> None:
+    """``labels`` must be an integer ``(B, L)`` tensor of token ids in ``[0, vocab)`` or -100 (ignored)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor or None, got {type(labels).__name__}")
+    if tuple(labels.shape) != (b, length):
+        raise ValueError(f"labels must be (B, L)={(b, length)}, got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must hold integer token ids (or -100), got dtype {labels.dtype}")
+    if labels.numel() and check_values(labels):
+        bad = (labels != -100) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            raise ValueError(f"labels must lie in [0, vocab_size={vocab}) or be -100 (ignored), got {int(labels[bad][0])}")
+
+
 @dataclass
 class DiffTransformerConfig:
     """The knobs of :class:`DiffTransformer`; checked when created (a ValueError names the field).
@@ -394,17 +408,7 @@ class DiffTransformer(nn.Module):
                 raise ValueError(f"input_ids must lie in [0, vocab_size={vocab}), got values in [{lo}, {hi}]")
         b, length = input_ids.shape
         if labels is not None:
-            if not isinstance(labels, torch.Tensor):
-                raise TypeError(f"labels must be a tensor or None, got {type(labels).__name__}")
-            if tuple(labels.shape) != (b, length):
-                raise ValueError(f"labels must be (B, L)={(b, length)}, got {tuple(labels.shape)}")
-            if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
-                raise ValueError(f"labels must hold integer token ids (or -100), got dtype {labels.dtype}")
-            if labels.numel() and check_values(labels):
-                bad = (labels != -100) & ((labels < 0) | (labels >= vocab))
-                if bool(bad.any()):
-                    raise ValueError(f"labels must lie in [0, vocab_size={vocab}) or be -100 (ignored), "
-                                     f"got {int(labels[bad][0])}")
+            check_labels(labels, b, length, vocab)
         past = self._check_cache(cache) if cache is not None else 0
         if cache is not None and cache[0].is_ragged and attention_mask is not None:
             raise ValueError("attention_mask cannot be combined with ragged caches: each row's cache_seqlens "

@@ -309,16 +309,22 @@ def _direct(tensors) -> bool:
         torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
+def _run(kernel: str, queries: tuple[torch.Tensor, ...], k, v, lam, mask: AttentionMask, scale: float):
+    """The forward of one layout: the kernel's ``kernel`` entry called directly when nothing needs a
+    gradient, else the op ``sdpadiff::cpu_fused[_v2|_gda]_fwd`` of the same name."""
+    lo, hi = row_intervals(mask, queries[0].device)
+    lam = lam.to(torch.float32).contiguous()
+    args = (*(q.contiguous() for q in queries), _rows_dense(k), _rows_dense(v), lam, lo, hi, _kernel_mask(mask),
+            float(scale), FWD_BLOCK_ROWS, KEY_TILE)
+    if _direct((*queries, k, v, lam)):
+        return getattr(_load(), kernel)(*args)[0]
+    op = {"fwd": "cpu_fused_fwd", "v2_fwd": "cpu_fused_v2_fwd", "gda_fwd": "cpu_fused_gda_fwd"}[kernel]
+    return getattr(torch.ops.sdpadiff, op)(*args)[0]
+
+
 def cpu_fused(q, k, v, lam, mask: AttentionMask, scale: float) -> torch.Tensor:
     """Differential attention through the fused CPU kernel; see the module docstring."""
-    lo, hi = row_intervals(mask, q.device)
-    lam = lam.to(torch.float32).contiguous()
-    args = (q.contiguous(), _rows_dense(k), _rows_dense(v), lam, lo, hi, _kernel_mask(mask), float(scale),
-            FWD_BLOCK_ROWS, KEY_TILE)
-    if _direct((q, k, v, lam)):
-        return _load().fwd(*args)[0]
-    out, _ = torch.ops.sdpadiff.cpu_fused_fwd(*args)
-    return out
+    return _run("fwd", (q,), k, v, lam, mask, scale)
 
 
 def cpu_fused_v2(q, k, v, lam, mask: AttentionMask, scale: float) -> torch.Tensor:
@@ -327,14 +333,7 @@ def cpu_fused_v2(q, k, v, lam, mask: AttentionMask, scale: float) -> torch.Tenso
     per token; returns ``(B, H, Lq, d)``. ``A1 − λ·A2`` is formed per key tile before one product
     with v of width d: 6d FLOPs per (query, key) pair and head, against 8d for the two maps'
     attention followed by the difference."""
-    lo, hi = row_intervals(mask, q.device)
-    lam = lam.to(torch.float32).contiguous()
-    args = (q.contiguous(), _rows_dense(k), _rows_dense(v), lam, lo, hi, _kernel_mask(mask), float(scale),
-            FWD_BLOCK_ROWS, KEY_TILE)
-    if _direct((q, k, v, lam)):
-        return _load().v2_fwd(*args)[0]
-    out, _ = torch.ops.sdpadiff.cpu_fused_v2_fwd(*args)
-    return out
+    return _run("v2_fwd", (q,), k, v, lam, mask, scale)
 
 
 def cpu_fused_grouped(qs, qn, k, v, lam, mask: AttentionMask, scale: float) -> torch.Tensor:
@@ -343,11 +342,4 @@ def cpu_fused_grouped(qs, qn, k, v, lam, mask: AttentionMask, scale: float) -> t
     and a mask over ``(B, N_n, Lq, Lk)``; returns ``(B, N_s, Lq, 2d)``. Each noise softmax is
     computed once per query block and subtracted from its ``r`` signal heads' maps before the one
     product with v; the backward collects the ``r`` signal heads' share of each noise map."""
-    lo, hi = row_intervals(mask, qs.device)
-    lam = lam.to(torch.float32).contiguous()
-    args = (qs.contiguous(), qn.contiguous(), _rows_dense(k), _rows_dense(v), lam, lo, hi, _kernel_mask(mask),
-            float(scale), FWD_BLOCK_ROWS, KEY_TILE)
-    if _direct((qs, qn, k, v, lam)):
-        return _load().gda_fwd(*args)[0]
-    out, _ = torch.ops.sdpadiff.cpu_fused_gda_fwd(*args)
-    return out
+    return _run("gda_fwd", (qs, qn), k, v, lam, mask, scale)
