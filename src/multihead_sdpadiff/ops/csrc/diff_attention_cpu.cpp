@@ -258,7 +258,11 @@ Geometry geometry(int64_t H, int64_t Nn, int64_t Hkv, const at::Tensor& k, const
   G.lmi = 0;
   G.nlam = H;
   G.Lk = k.size(2);
-  TORCH_CHECK(Hkv > 0 && Nn > 0 && H % Nn == 0 && H % Hkv == 0 && Nn % Hkv == 0, "cpu_fused: head counts must divide");
+  TORCH_CHECK(H > 0 && Hkv > 0 && Nn > 0 && H % Nn == 0 && H % Hkv == 0 && Nn % Hkv == 0,
+              "cpu_fused: head counts must be positive and divide");
+  TORCH_CHECK(k.size(3) == d && v.size(0) == G.B && v.size(1) == Hkv && v.size(2) == G.Lk,
+              "cpu_fused: k must be (B, heads, Lk, d) and v (B, Hkv, Lk, width)");
+  TORCH_CHECK(lo.size(0) == 1 || lo.size(0) == G.B, "cpu_fused: lo/hi must be (1|B, Lq)");
   G.rep = G.H / G.Hkv;
   G.rep2 = G.Nn / G.Hkv;
   G.r = G.H / G.Nn;
@@ -716,7 +720,7 @@ std::vector<at::Tensor> gda_fwd(const at::Tensor& qs, const at::Tensor& qn, cons
                                 int64_t key_tile) {
   check_inputs({&qs, &qn}, k, v, lam, lo, hi);
   Geometry G = geometry_gda(qs, qn, k, v, lo, block_rows, key_tile);
-  TORCH_CHECK(G.Nn % G.Hkv == 0 && G.H % G.Nn == 0, "cpu_fused: the pairs must divide N_n, and N_n must divide N_s");
+  TORCH_CHECK(lam.numel() == G.nlam, "cpu_fused: lam must hold one entry per signal head");
   Mask mask = make_mask(mask_opt, G);
   at::Tensor out = at::empty({G.B, G.H, G.Lq, 2 * G.d}, qs.options());
   at::Tensor lse = at::empty({G.B, G.H + G.Nn, 2, G.Lq}, qs.options().dtype(at::kFloat));  // (max, sum) per head
@@ -1034,7 +1038,7 @@ std::vector<at::Tensor> gda_bwd(const at::Tensor& dout, const at::Tensor& qs, co
   check_inputs({&qs, &qn}, k, v, lam, lo, hi);
   check_grad_inputs(dout, qs, lse);
   Geometry G = geometry_gda(qs, qn, k, v, lo, block_rows, key_tile);
-  TORCH_CHECK(G.Nn % G.Hkv == 0 && G.H % G.Nn == 0, "cpu_fused: the pairs must divide N_n, and N_n must divide N_s");
+  TORCH_CHECK(lam.numel() == G.nlam, "cpu_fused: lam must hold one entry per signal head");
   Mask mask = make_mask(mask_opt, G);
   GradBuffers buf(G, qs);
   at::Tensor dqs = at::empty_like(qs), dqn = at::empty_like(qn);
