@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -356,10 +357,22 @@ def _cpu_fused_reasons() -> list[str]:
 
 
 def _spawn(world, tmp_path_factory, fused=False):
-    out = tmp_path_factory.mktemp(f"parallel{world}")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(SRC).parent), os.environ.get("PYTHONPATH", "")])
-    mp.spawn(_worker, args=(world, str(out), SRC, fused), nprocs=world, join=True)
-    return torch.load(out / "results.pt", weights_only=False)
+    for attempt in (1, 2):
+        out = tmp_path_factory.mktemp(f"parallel{world}")
+        try:
+            mp.spawn(_worker, args=(world, str(out), SRC, fused), nprocs=world, join=True)
+        except mp.ProcessExitedException as exc:
+            # A rank killed by a signal, not by a Python error (that raises ProcessRaisedException
+            # and fails at once). gloo's TCP transport now and then aborts a rank while the pairs
+            # connect ("terminate called without an active exception"; seen once in six suite runs
+            # here; pytorch/pytorch#188266 reports the same abort). One retry on fresh files; a
+            # second death fails.
+            if attempt == 2:
+                raise
+            warnings.warn(f"spawn of {world} ranks retried after: {exc}", stacklevel=2)
+            continue
+        return torch.load(out / "results.pt", weights_only=False)
 
 
 @pytest.fixture(scope="module")
