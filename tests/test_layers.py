@@ -45,8 +45,8 @@ def test_presets_agree_with_each_other_and_the_reference():
         torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cls,impl", zip(PRESETS, ["sdpa_4pass", "sdpa_2pass", "sdpa_stacked", "sdpa_paired"],
-                                         strict=True))
+@pytest.mark.parametrize("cls,impl", list(zip(PRESETS, ["sdpa_4pass", "sdpa_2pass", "sdpa_stacked", "sdpa_paired"],
+                                              strict=True)))
 def test_presets_are_thin(cls, impl):
     m = cls(64, 0, 4, 2)
     assert isinstance(m, MultiheadDiffAttn) and m.impl == impl
