@@ -13,7 +13,16 @@ from . import reference as _reference
 from . import sdpa as _sdpa
 from . import triton_fused as _triton_fused
 from .registry import FLOAT_DTYPES as _FLOAT
-from .registry import AutoRule, OpInputs, Registry, Strategy, check_lam_tensor, check_qkv, check_scale
+from .registry import (
+    AutoRule,
+    OpInputs,
+    Registry,
+    Strategy,
+    check_lam_tensor,
+    check_qkv,
+    check_scale,
+    mask_needs_no_grad,
+)
 
 __all__ = [
     "AUTO_RULES", "AutoRule", "IMPLS", "REGISTRY", "OpInputs", "Strategy", "choose_impl", "diff_attention",
@@ -54,11 +63,7 @@ register(Strategy("sdpa_paired", _per_sequence(_sdpa.sdpa_paired),
                   score_memory="O(N)", dtypes=_FLOAT,
                   notes="On CPU, q and k are zero-padded to 2d as for sdpa_2pass."))
 def _mask_needs_no_grad(inputs: OpInputs) -> list[str]:
-    m = inputs.mask.tensor
-    if m is not None and m.requires_grad and torch.is_grad_enabled():
-        return ["attn_mask requires grad and this strategy gives the mask no gradient "
-                "(use reference or an sdpa_* strategy for a learnable bias)"]
-    return []
+    return mask_needs_no_grad(inputs, "use reference or an sdpa_* strategy for a learnable bias")
 
 
 register(Strategy("chunked", _chunked.chunked,

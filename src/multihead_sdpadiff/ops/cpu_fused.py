@@ -310,16 +310,15 @@ def _direct(tensors) -> bool:
 
 
 def _run(kernel: str, queries: tuple[torch.Tensor, ...], k, v, lam, mask: AttentionMask, scale: float):
-    """The forward of one layout: the kernel's ``kernel`` entry called directly when nothing needs a
-    gradient, else the op ``sdpadiff::cpu_fused[_v2|_gda]_fwd`` of the same name."""
+    """The forward of one layout: the kernel's ``kernel`` entry (``fwd``, ``v2_fwd`` or ``gda_fwd``)
+    called directly when nothing needs a gradient, else the op ``sdpadiff::cpu_fused_{kernel}``."""
     lo, hi = row_intervals(mask, queries[0].device)
     lam = lam.to(torch.float32).contiguous()
     args = (*(q.contiguous() for q in queries), _rows_dense(k), _rows_dense(v), lam, lo, hi, _kernel_mask(mask),
             float(scale), FWD_BLOCK_ROWS, KEY_TILE)
     if _direct((*queries, k, v, lam)):
         return getattr(_load(), kernel)(*args)[0]
-    op = {"fwd": "cpu_fused_fwd", "v2_fwd": "cpu_fused_v2_fwd", "gda_fwd": "cpu_fused_gda_fwd"}[kernel]
-    return getattr(torch.ops.sdpadiff, op)(*args)[0]
+    return getattr(torch.ops.sdpadiff, f"cpu_fused_{kernel}")(*args)[0]
 
 
 def cpu_fused(q, k, v, lam, mask: AttentionMask, scale: float) -> torch.Tensor:

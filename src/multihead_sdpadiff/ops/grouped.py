@@ -29,7 +29,7 @@ from ..masks import AttentionMask, prepare_mask
 from . import cpu_fused as _cpu_fused
 from .reference import softmax_or_zero
 from .registry import FLOAT_DTYPES as _FLOAT
-from .registry import AutoRule, OpInputs, Registry, Strategy, check_qkv, check_scale
+from .registry import AutoRule, OpInputs, Registry, Strategy, check_qkv, check_scale, mask_needs_no_grad
 
 __all__ = ["IMPLS_GROUPED", "REGISTRY_GROUPED", "GroupedInputs", "grouped_diff_attention"]
 
@@ -247,10 +247,7 @@ def chunked_grouped(qs, qn, k, v, lam, mask: AttentionMask, scale: float, block:
 
 
 def _mask_needs_no_grad(inputs: OpInputs) -> list[str]:
-    m = inputs.mask.tensor
-    if m is not None and m.requires_grad and torch.is_grad_enabled():
-        return ["attn_mask requires grad and this strategy gives the mask no gradient (use reference)"]
-    return []
+    return mask_needs_no_grad(inputs, "use reference")
 
 
 #: The strategies of :func:`grouped_diff_attention`.

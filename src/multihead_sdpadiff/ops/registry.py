@@ -166,6 +166,15 @@ class Registry:
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
+def mask_needs_no_grad(inputs: OpInputs, alternative: str) -> list[str]:
+    """The reason a strategy that gives the mask no gradient refuses a mask that requires one
+    (with grad enabled); ``alternative`` names the strategies that can."""
+    m = inputs.mask.tensor
+    if m is not None and m.requires_grad and torch.is_grad_enabled():
+        return [f"attn_mask requires grad and this strategy gives the mask no gradient ({alternative})"]
+    return []
+
+
 def check_qkv(q, k, v) -> None:
     """Type, rank, dtype and device checks shared by every op."""
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -22,7 +22,16 @@ from ..masks import AttentionMask, prepare_mask
 from . import cpu_fused as _cpu_fused
 from .reference import diff_attention_maps
 from .registry import FLOAT_DTYPES as _FLOAT
-from .registry import AutoRule, OpInputs, Registry, Strategy, check_lam_tensor, check_qkv, check_scale
+from .registry import (
+    AutoRule,
+    OpInputs,
+    Registry,
+    Strategy,
+    check_lam_tensor,
+    check_qkv,
+    check_scale,
+    mask_needs_no_grad,
+)
 from .sdpa import _sdpa, per_sequence
 
 __all__ = ["IMPLS_V2", "REGISTRY_V2", "diff_attention_v2", "diff_attention_v2_varlen"]
@@ -71,11 +80,7 @@ _register(Strategy("sdpa", sdpa_v2,
 
 
 def _cpu_fused_reasons(inputs: OpInputs) -> list[str]:
-    m = inputs.mask.tensor
-    reasons = _cpu_fused.not_supported_reasons()
-    if m is not None and m.requires_grad and torch.is_grad_enabled():
-        reasons.append("attn_mask requires grad and this strategy gives the mask no gradient (use reference or sdpa)")
-    return reasons
+    return mask_needs_no_grad(inputs, "use reference or sdpa") + _cpu_fused.not_supported_reasons()
 
 
 _register(Strategy("cpu_fused", _cpu_fused.cpu_fused_v2,

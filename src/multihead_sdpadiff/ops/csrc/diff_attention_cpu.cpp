@@ -239,6 +239,18 @@ inline void block_keys(const Geometry& G, const int32_t* lo, const int32_t* hi, 
   if (khi <= klo) klo = khi = 0;
 }
 
+// Task t is query block t % nblocks of kv group (t / nblocks) % Hkv of batch t / (nblocks Hkv): rows
+// [i0, i1) (nqb of them), R1 = rep * nqb stacked signal rows and R2 = rep2 * nqb noise rows.
+struct Task {
+  int64_t bi, g, i0, i1, nqb, R1, R2;
+};
+
+inline Task task_at(const Geometry& G, int64_t task) {
+  const int64_t blk = task % G.nblocks, g = (task / G.nblocks) % G.Hkv, bi = task / (G.nblocks * G.Hkv);
+  const int64_t i0 = blk * G.nq, i1 = std::min(G.Lq, i0 + G.nq), nqb = i1 - i0;
+  return Task{bi, g, i0, i1, nqb, G.rep * nqb, G.rep2 * nqb};
+}
+
 // Sizes shared by the layouts: signal heads H, noise heads Nn, kv groups Hkv.
 Geometry geometry(int64_t H, int64_t Nn, int64_t Hkv, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo,
                   int64_t Lq, int64_t d, int64_t block_rows, int64_t key_tile) {
@@ -400,7 +412,6 @@ void forward_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::T
     // stats. Score buffers are tile-major: tile t's R x KT block is contiguous (row stride KT), so
     // each pass streams one block instead of R rows a whole key range apart.
     const int64_t ldE = KT, ntiles = (Lk + KT - 1) / KT;
-    std::vector<T> Q1(R1max * d), Q2(R2max * d);
     std::vector<float> E1(R1max * ntiles * KT), E2(R2max * ntiles * KT);
     std::vector<float> m1(R1max * ntiles), l1(R1max * ntiles), m2(R2max * ntiles), l2(R2max * ntiles);
     std::vector<float> O(R1max * d2), M1(R1max), L1(R1max), M2(R2max), L2(R2max);
@@ -413,11 +424,7 @@ void forward_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::T
     std::vector<int64_t> c0s(G.nq), c1s(G.nq);
 
     for (int64_t task = begin; task < end; task++) {
-      const int64_t blk = task % G.nblocks;
-      const int64_t g = (task / G.nblocks) % G.Hkv;
-      const int64_t bi = task / (G.nblocks * G.Hkv);
-      const int64_t i0 = blk * G.nq, i1 = std::min(Lq, i0 + G.nq), nqb = i1 - i0;
-      const int64_t R1 = G.rep * nqb, R2 = G.rep2 * nqb;
+      const auto [bi, g, i0, i1, nqb, R1, R2] = task_at(G, task);
       int64_t klo, khi;
       block_keys(G, lo, hi, bi, i0, i1, klo, khi);
       // Stacked row r of map 1 is signal head j = g * rep + r / nqb, query i0 + r % nqb; row r of
@@ -444,19 +451,17 @@ void forward_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::T
         c0s[i - i0] = lo[bi * G.lo_sb + i];
         c1s[i - i0] = hi[bi * G.lo_sb + i];
       }
+      float* Qf1 = Qf.data();
+      float* Qf2 = Qf.data() + R1 * d;
       for (int64_t r = 0; r < R1; r++)
-        std::copy_n(q1p + bi * G.q1b + sig(r) * G.q1h + (i0 + r % nqb) * d, d, Q1.data() + r * d);
+        to_float<T>(q1p + bi * G.q1b + sig(r) * G.q1h + (i0 + r % nqb) * d, Qf1 + r * d, d);
       for (int64_t r = 0; r < R2; r++)
-        std::copy_n(q2p + bi * G.q2b + noi(r) * G.q2h + (i0 + r % nqb) * d, d, Q2.data() + r * d);
+        to_float<T>(q2p + bi * G.q2b + noi(r) * G.q2h + (i0 + r % nqb) * d, Qf2 + r * d, d);
       const T* k1 = kp + bi * G.ksb + g * G.kh1m * G.ksh;
       const T* k2 = k1 + G.kh2o * G.ksh;
       const T* vg = vp + bi * G.vsb + g * G.vsh;
       const int64_t nt = (khi - klo + KT - 1) / KT;
       const bool small = R1 < SMALL_ROWS;
-      float* Qf1 = Qf.data();
-      float* Qf2 = Qf.data() + R1 * d;
-      to_float<T>(Q1.data(), Qf1, R1 * d);
-      to_float<T>(Q2.data(), Qf2, R2 * d);
 
       // Scores and exps of R rows of one map in tile t, relative to each row's tile max; the mask
       // head of row r is mhead(r).
@@ -570,25 +575,17 @@ void decode_split_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const 
   const int64_t Rt = (G.rep + G.rep2) * G.nq;  // signal rows, then noise rows
   const int64_t CL = (Lk + S - 1) / S;
   std::vector<float> pm(ntasks * S * Rt), pl(ntasks * S * Rt), pO(ntasks * S * Rt * d2);
-  struct Task {
-    int64_t bi, g, i0, nqb, R1, R2;
-  };
-  auto task_of = [&](int64_t task) {
-    const int64_t blk = task % G.nblocks, g = (task / G.nblocks) % G.Hkv, bi = task / (G.nblocks * G.Hkv);
-    const int64_t i0 = blk * G.nq, nqb = std::min(Lq, i0 + G.nq) - i0;
-    return Task{bi, g, i0, nqb, G.rep * nqb, G.rep2 * nqb};
-  };
 
   at::parallel_for(0, ntasks * S, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> E(Rt * CL), Qf(Rt * d), row(d2);
     for (int64_t item = begin; item < end; item++) {
       const int64_t task = item / S, c = item % S;
-      const Task tk = task_of(task);
+      const Task tk = task_at(G, task);
       float* m = pm.data() + item * Rt;
       float* l = pl.data() + item * Rt;
       float* o = pO.data() + item * Rt * d2;
       int64_t klo, khi;
-      block_keys(G, lo, hi, tk.bi, tk.i0, tk.i0 + tk.nqb, klo, khi);
+      block_keys(G, lo, hi, tk.bi, tk.i0, tk.i1, klo, khi);
       const int64_t len = (khi - klo + S - 1) / S;
       const int64_t t0 = std::min(khi, klo + c * len), t1 = std::min(khi, t0 + len), n = t1 - t0;
       const int64_t R = tk.R1 + tk.R2;
@@ -630,7 +627,7 @@ void decode_split_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const 
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> M(Rt), L(Rt), acc(d2);
     for (int64_t task = begin; task < end; task++) {
-      const Task tk = task_of(task);
+      const Task tk = task_at(G, task);
       const int64_t R = tk.R1 + tk.R2;
       const float* m = pm.data() + task * S * Rt;
       const float* l = pl.data() + task * S * Rt;
@@ -780,11 +777,7 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
     std::vector<int64_t> c0s(G.nq), c1s(G.nq);
 
     for (int64_t task = begin; task < end; task++) {
-      const int64_t blk = task % G.nblocks;
-      const int64_t g = (task / G.nblocks) % G.Hkv;
-      const int64_t bi = task / (G.nblocks * G.Hkv);
-      const int64_t i0 = blk * G.nq, i1 = std::min(Lq, i0 + G.nq), nqb = i1 - i0;
-      const int64_t R1 = G.rep * nqb, R2 = G.rep2 * nqb;
+      const auto [bi, g, i0, i1, nqb, R1, R2] = task_at(G, task);
       int64_t klo, khi;
       block_keys(G, lo, hi, bi, i0, i1, klo, khi);
       auto sig = [&](int64_t r) { return g * G.rep + r / nqb; };
