@@ -174,12 +174,14 @@ inline float prepare_row(float* s, int64_t n, int64_t c0, int64_t c1, float scal
   return mx == NEG_INF ? mx : mx * mul;
 }
 
-// s[0, n) <- exp(s * mul - sub) * post (0 where s is -inf); returns the sum. sub must be finite.
-// s * mul is rounded before the subtraction (no fma) so that the max entry gives exp(0) exactly, as
-// in the forward: near one-hot rows need P to the last bit, since dS = P (dA - sum P dA) cancels.
-inline float exp_row(float* s, int64_t n, int64_t c0, int64_t c1, float sub, float mul, float post = 1.f) {
-  for (int64_t c = 0; c < c0; c++) s[c] = 0.f;
-  for (int64_t c = c1; c < n; c++) s[c] = 0.f;
+// dst[0, n) <- exp(s * mul - sub) * post (0 where s is -inf); returns the sum. sub must be finite;
+// dst may be s. s * mul is rounded before the subtraction (no fma) so that the max entry gives
+// exp(0) exactly, as in the forward: near one-hot rows need P to the last bit, since
+// dS = P (dA - sum P dA) cancels.
+inline float exp_row(const float* s, float* dst, int64_t n, int64_t c0, int64_t c1, float sub, float mul,
+                     float post = 1.f) {
+  for (int64_t c = 0; c < c0; c++) dst[c] = 0.f;
+  for (int64_t c = c1; c < n; c++) dst[c] = 0.f;
   const int64_t W = fVec::size();
   fVec vsub(sub), vmul(mul), vpost(post), vsum(0.f);
   const fVec vninf(NEG_INF), vzero(0.f);
@@ -188,14 +190,14 @@ inline float exp_row(float* s, int64_t n, int64_t c0, int64_t c1, float sub, flo
     fVec x = fVec::loadu(s + c);
     fVec e = ((x * vmul) - vsub).exp_u20() * vpost;
     e = fVec::blendv(e, vzero, x == vninf);
-    e.store(s + c);
+    e.store(dst + c);
     vsum = vsum + e;
   }
   float sum = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, vsum);
   for (; c < c1; c++) {
     float xm = s[c] * mul;
     float e = s[c] == NEG_INF ? 0.f : std::exp(xm - sub) * post;
-    s[c] = e;
+    dst[c] = e;
     sum += e;
   }
   return sum;
@@ -207,6 +209,7 @@ inline float exp_row(float* s, int64_t n, int64_t c0, int64_t c1, float sub, flo
 // softmax serves r signal heads. The dense mask is indexed by the noise head (V1: the head).
 struct Geometry {
   int64_t B, H, Nn, Hkv, rep, rep2, r, Lq, Lk, d, nq, nblocks, KT;
+  int64_t ldk;         // row stride of the transposed (key-minor) k, v, dK and dV buffers; see key_ld
   int64_t dv;          // the value width: 2d (V1, GDA) or d (V2)
   int64_t nkh;         // heads of k: 2 Hkv (a K1, K2 pair per group) or Hkv (V2: both maps read one key)
   int64_t kh1m, kh2o;  // group g's K1 is k head g * kh1m, its K2 is kh2o heads further (1, or 0 in V2)
@@ -251,6 +254,12 @@ inline Task task_at(const Geometry& G, int64_t task) {
   return Task{bi, g, i0, i1, nqb, G.rep * nqb, G.rep2 * nqb};
 }
 
+// The row stride of a key-minor buffer (one row of Lk floats per feature): Lk rounded up to 16 and
+// one cache line more. With a stride of exactly Lk, a power of two, the d rows that one GEMM tile
+// reads fall into the same few cache sets and evict each other: at Lk = 16384 all 64 rows of a k
+// tile mapped to one L2 set. One line more spreads them over consecutive sets.
+inline int64_t key_ld(int64_t Lk) { return (Lk + 15) / 16 * 16 + 16; }
+
 // Sizes shared by the layouts: signal heads H, noise heads Nn, kv groups Hkv.
 Geometry geometry(int64_t H, int64_t Nn, int64_t Hkv, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo,
                   int64_t Lq, int64_t d, int64_t block_rows, int64_t key_tile) {
@@ -270,6 +279,7 @@ Geometry geometry(int64_t H, int64_t Nn, int64_t Hkv, const at::Tensor& k, const
   G.lmi = 0;
   G.nlam = H;
   G.Lk = k.size(2);
+  G.ldk = key_ld(G.Lk);
   TORCH_CHECK(H > 0 && Hkv > 0 && Nn > 0 && H % Nn == 0 && H % Hkv == 0 && Nn % Hkv == 0,
               "cpu_fused: head counts must be positive and divide");
   TORCH_CHECK(k.size(3) == d && v.size(0) == G.B && v.size(1) == Hkv && v.size(2) == G.Lk,
@@ -379,6 +389,13 @@ void check_inputs(std::initializer_list<const at::Tensor*> qs, const at::Tensor&
   TORCH_CHECK(lo.sizes() == hi.sizes(), "cpu_fused: lo/hi must be (1|B, Lq)");
 }
 
+// x (B, heads, Lk, width) as (B, heads, width, ld) in dtype t: rows of Lk keys, ld apart (key_ld).
+at::Tensor transposed_keys(const at::Tensor& x, at::ScalarType t, int64_t ld) {
+  at::Tensor out = at::empty({x.size(0), x.size(1), x.size(3), ld}, x.options().dtype(t));
+  out.narrow(3, 0, x.size(2)).copy_(x.transpose(-1, -2));
+  return out;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
@@ -398,12 +415,13 @@ void forward_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::T
   float* lsep = lse.data_ptr<float>();
   const int64_t ntasks = G.B * G.Hkv * G.nblocks;
   const int64_t R1max = G.rep * G.nq, R2max = G.rep2 * G.nq;
-  // k transposed once, in float32, as the B operand of Q K^T: (B, 2Hkv, d, Lk). Decode steps
+  // k transposed once, in float32, as the B operand of Q K^T: (B, 2Hkv, d, ldk). Decode steps
   // (fewer stacked rows than SMALL_ROWS in every block) read k in place instead.
   at::Tensor kt;
   const float* ktp = nullptr;
+  const int64_t ldk = G.ldk;
   if (G.rep * std::min(G.nq, Lq) >= SMALL_ROWS) {
-    kt = k.transpose(-1, -2).to(at::kFloat).contiguous();
+    kt = transposed_keys(k, at::kFloat, ldk);
     ktp = kt.data_ptr<float>();
   }
 
@@ -421,6 +439,9 @@ void forward_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::T
     constexpr bool is_f32 = std::is_same<T, float>::value;
     std::vector<float> Vf(is_f32 ? 0 : KT * d2);
     std::vector<float> Qf((R1max + R2max) * d), row(d2);  // q rows in float; one converted k/v row
+    // One tile of scores (or of A1 - lam A2), reused tile after tile so that it stays in cache: the
+    // GEMMs and the exp pass work there, and only the exps go out to the (long) E buffers.
+    std::vector<float> S(std::max(R1max, R2max) * KT);
     std::vector<int64_t> c0s(G.nq), c1s(G.nq);
 
     for (int64_t task = begin; task < end; task++) {
@@ -463,39 +484,33 @@ void forward_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::T
       const int64_t nt = (khi - klo + KT - 1) / KT;
       const bool small = R1 < SMALL_ROWS;
 
-      // Scores and exps of R rows of one map in tile t, relative to each row's tile max; the mask
-      // head of row r is mhead(r).
+      // Scores of R rows of one map in tile t (S, in cache), then their exps relative to each row's
+      // tile max, written to the map's buffer e; the mask head of row r is mhead(r).
       auto exps = [&](float* e, int64_t R, float* mt, float* lt, int64_t t, int64_t t0, int64_t n, auto mhead) {
         for (int64_t r = 0; r < R; r++) {
           const int64_t i = i0 + r % nqb;
           const int64_t c0 = std::clamp<int64_t>(c0s[i - i0] - t0, 0, n), c1 = std::clamp<int64_t>(c1s[i - i0] - t0, 0, n);
-          float* s = e + r * ldE;
-          if (c1 <= c0) {
-            std::fill_n(s, n, 0.f);
-            mt[r * nt + t] = NEG_INF;
-            lt[r * nt + t] = 0.f;
-            continue;
-          }
-          float mul;
-          const float mx = prepare_row(s, n, c0, c1, scale, mask, bi, mhead(r), i, t0, mul);
+          float* s = S.data() + r * KT;
+          float* dst = e + r * ldE;
+          float mul, mx = NEG_INF;
+          if (c1 > c0) mx = prepare_row(s, n, c0, c1, scale, mask, bi, mhead(r), i, t0, mul);
           mt[r * nt + t] = mx;
-          lt[r * nt + t] = mx == NEG_INF ? (std::fill_n(s, n, 0.f), 0.f) : exp_row(s, n, c0, c1, mx, mul);
+          lt[r * nt + t] = mx == NEG_INF ? (std::fill_n(dst, n, 0.f), 0.f) : exp_row(s, dst, n, c0, c1, mx, mul);
         }
       };
+      const float* kt1 = small ? nullptr : ktp + (bi * G.nkh + g * G.kh1m) * d * ldk;
+      auto map_tile = [&](int64_t R, const float* Qm, const T* km, const float* ktm, float* e, float* mt, float* lt,
+                          int64_t t, auto mhead) {
+        const int64_t t0 = klo + t * KT, n = std::min(khi, t0 + KT) - t0;
+        if (small) scores_small<T>(R, n, d, Qm, km + t0 * d, S.data(), KT, row.data());
+        else gemm<float>(R, n, d, Qm, d, ktm + t0, ldk, S.data(), KT, false);
+        exps(e, R, mt, lt, t, t0, n, mhead);
+      };
       for (int64_t t = 0; t < nt; t++) {
-        const int64_t t0 = klo + t * KT, t1 = std::min(khi, t0 + KT), n = t1 - t0;
-        float* e1 = E1.data() + t * R1 * KT;
-        float* e2 = E2.data() + t * R2 * KT;
-        if (small) {
-          scores_small<T>(R1, n, d, Qf1, k1 + t0 * d, e1, ldE, row.data());
-          scores_small<T>(R2, n, d, Qf2, k2 + t0 * d, e2, ldE, row.data());
-        } else {
-          const float* kt1 = ktp + (bi * G.nkh + g * G.kh1m) * d * Lk;
-          gemm<float>(R1, n, d, Qf1, d, kt1 + t0, Lk, e1, ldE, false);
-          gemm<float>(R2, n, d, Qf2, d, kt1 + G.kh2o * d * Lk + t0, Lk, e2, ldE, false);
-        }
-        exps(e1, R1, m1.data(), l1.data(), t, t0, n, [&](int64_t r) { return sig(r) / G.r; });
-        exps(e2, R2, m2.data(), l2.data(), t, t0, n, noi);
+        map_tile(R1, Qf1, k1, kt1, E1.data() + t * R1 * KT, m1.data(), l1.data(), t,
+                 [&](int64_t r) { return sig(r) / G.r; });
+        map_tile(R2, Qf2, k2, small ? nullptr : kt1 + G.kh2o * d * ldk, E2.data() + t * R2 * KT, m2.data(),
+                 l2.data(), t, noi);
       }
       // Row statistics: max over the tiles' maxima, and the sum of the rescaled tile sums.
       auto stats = [&](int64_t R, const float* mt, const float* lt, float* M, float* L, auto lse_row) {
@@ -523,15 +538,16 @@ void forward_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::T
           const float mt1 = m1[r * nt + t], mt2 = m2[rn * nt + t];
           const float a = (L1[r] > 0.f && mt1 != NEG_INF) ? std::exp(mt1 - M1[r]) / L1[r] : 0.f;
           const float b = (L2[rn] > 0.f && mt2 != NEG_INF) ? lam_h * std::exp(mt2 - M2[rn]) / L2[rn] : 0.f;
-          float* s1 = E1.data() + t * R1 * KT + r * ldE;
+          const float* s1 = E1.data() + t * R1 * KT + r * ldE;
           const float* s2 = E2.data() + t * R2 * KT + rn * ldE;
+          float* ar = S.data() + r * KT;
           const fVec va(a), vb(b);
           const int64_t W = fVec::size();
           int64_t c = 0;
-          for (; c + W <= n; c += W) (fVec::loadu(s1 + c) * va - fVec::loadu(s2 + c) * vb).store(s1 + c);
-          for (; c < n; c++) s1[c] = s1[c] * a - s2[c] * b;
+          for (; c + W <= n; c += W) (fVec::loadu(s1 + c) * va - fVec::loadu(s2 + c) * vb).store(ar + c);
+          for (; c < n; c++) ar[c] = s1[c] * a - s2[c] * b;
         }
-        const float* A = E1.data() + t * R1 * KT;
+        const float* A = S.data();  // A1 - lam A2 of this tile, in cache for the product with v
         if (small) {
           av_small<T>(R1, n, d2, A, ldE, vg + t0 * d2, O.data(), t > 0, row.data());
         } else if constexpr (is_f32) {
@@ -618,7 +634,7 @@ void decode_split_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const 
         float mx = NEG_INF, mul = 1.f;
         if (c1 > c0) mx = prepare_row(s, n, c0, c1, scale, mask, tk.bi, mhead, i, t0, mul);
         m[r] = mx;
-        l[r] = mx == NEG_INF ? (std::fill_n(s, n, 0.f), 0.f) : exp_row(s, n, c0, c1, mx, mul);
+        l[r] = mx == NEG_INF ? (std::fill_n(s, n, 0.f), 0.f) : exp_row(s, s, n, c0, c1, mx, mul);
       }
       av_small<T>(R, n, d2, E.data(), CL, vg + t0 * d2, o, false, row.data());
     }
@@ -746,8 +762,9 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
                      at::Tensor& dkT_acc, at::Tensor& dvT_acc, at::Tensor& dlam_acc) {
   const int64_t d = G.d, d2 = G.dv, Lq = G.Lq, Lk = G.Lk, KT = G.KT;  // d2: the value width
   const float scale = static_cast<float>(scale_d);
-  at::Tensor kt = k.transpose(-1, -2).contiguous();  // (B, 2Hkv, d, Lk)
-  at::Tensor vt = v.transpose(-1, -2).contiguous();  // (B, Hkv, 2d, Lk)
+  const int64_t ldk = G.ldk;
+  at::Tensor kt = transposed_keys(k, k.scalar_type(), ldk);  // (B, 2Hkv, d, ldk)
+  at::Tensor vt = transposed_keys(v, v.scalar_type(), ldk);  // (B, Hkv, 2d, ldk)
   const T* kp = k.data_ptr<T>();
   const T* ktp = kt.data_ptr<T>();
   const T* vtp = vt.data_ptr<T>();
@@ -762,8 +779,8 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
 
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t tid = std::min<int64_t>(at::get_thread_num(), nthreads - 1);
-    float* dkT = dkT_acc.data_ptr<float>() + tid * G.B * G.nkh * d * Lk;
-    float* dvT = dvT_acc.data_ptr<float>() + tid * G.B * G.Hkv * d2 * Lk;
+    float* dkT = dkT_acc.data_ptr<float>() + tid * G.B * G.nkh * d * ldk;
+    float* dvT = dvT_acc.data_ptr<float>() + tid * G.B * G.Hkv * d2 * ldk;
     double* dlam = dlam_acc.data_ptr<double>() + tid * G.nlam;
     // Score buffers are tile-major, as in the forward.
     const int64_t ldE = KT, ntiles = (Lk + KT - 1) / KT;
@@ -819,14 +836,14 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
         to_float<T>(QT1.data(), QTf.data(), d * R1);
         to_float<T>(QT2.data(), QTf.data() + d * R1, d * R2);
       }
-      const T* kt1 = ktp + (bi * G.nkh + g * G.kh1m) * d * Lk;
-      const T* kt2 = kt1 + G.kh2o * d * Lk;
+      const T* kt1 = ktp + (bi * G.nkh + g * G.kh1m) * d * ldk;
+      const T* kt2 = kt1 + G.kh2o * d * ldk;
       const T* k1 = kp + bi * G.ksb + g * G.kh1m * G.ksh;
       const T* k2 = k1 + G.kh2o * G.ksh;
-      const T* vtg = vtp + (bi * G.Hkv + g) * d2 * Lk;
-      float* dkT1 = dkT + (bi * G.nkh + g * G.kh1m) * d * Lk;
-      float* dkT2 = dkT1 + G.kh2o * d * Lk;  // the same buffer in V2: both maps' dK add up
-      float* dvTg = dvT + (bi * G.Hkv + g) * d2 * Lk;
+      const T* vtg = vtp + (bi * G.Hkv + g) * d2 * ldk;
+      float* dkT1 = dkT + (bi * G.nkh + g * G.kh1m) * d * ldk;
+      float* dkT2 = dkT1 + G.kh2o * d * ldk;  // the same buffer in V2: both maps' dK add up
+      float* dvTg = dvT + (bi * G.Hkv + g) * d2 * ldk;
       const int64_t nt = (khi - klo + KT - 1) / KT;
       const int64_t W = fVec::size();
 
@@ -840,7 +857,7 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
         }
         float mul;
         prepare_row(s, n, c0, c1, scale, mask, bi, mhead, i, t0, mul);
-        exp_row(s, n, c0, c1, mx, mul, 1.f / sum);
+        exp_row(s, s, n, c0, c1, mx, mul, 1.f / sum);
       };
 
       // Pass 1: P1, P2 (from the saved row max and sum), dA = dO V^T; dV^T += dO^T A; the row sums
@@ -850,9 +867,9 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
         float* p1 = P1.data() + t * R1 * KT;
         float* p2 = P2.data() + t * R2 * KT;
         float* da = dA.data() + t * R1 * KT;
-        gemm<T>(R1, n, d, Q1.data(), d, kt1 + t0, Lk, p1, ldE, false);
-        gemm<T>(R2, n, d, Q2.data(), d, kt2 + t0, Lk, p2, ldE, false);
-        gemm<T>(R1, n, d2, dO.data(), d2, vtg + t0, Lk, da, ldE, false);
+        gemm<T>(R1, n, d, Q1.data(), d, kt1 + t0, ldk, p1, ldE, false);
+        gemm<T>(R2, n, d, Q2.data(), d, kt2 + t0, ldk, p2, ldE, false);
+        gemm<T>(R1, n, d2, dO.data(), d2, vtg + t0, ldk, da, ldE, false);
         for (int64_t r = 0; r < R2; r++) probs(p2 + r * ldE, n, t0, r, lse2[r], sum2[r], noi(r));
         for (int64_t r = 0; r < R1; r++) {
           float* s1 = p1 + r * ldE;
@@ -883,7 +900,7 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
           a2[r] += s_2;
           if constexpr (!std::is_same<T, float>::value) from_float<T>(a_out, Ab.data() + r * KT, n);
         }
-        gemm<T>(d2, n, R1, dOT.data(), R1, Ab.data(), KT, dvTg + t0, Lk, true);
+        gemm<T>(d2, n, R1, dOT.data(), R1, Ab.data(), KT, dvTg + t0, ldk, true);
       }
       // Pass 2: dS1 = P1 (dA - r1) s per signal row; dS2 = P2 * sum over the noise row's signal rows
       // of -lam s (dA - a2); then dQ += dS K and dK^T += Q^T dS.
@@ -937,8 +954,8 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
           to_float<T>(k2 + t0 * d, Kf.data() + n * d, n * d);
           gemm<float>(R1, d, n, p1, ldE, Kf.data(), d, dQ1.data(), d, t > 0);
           gemm<float>(R2, d, n, p2, ldE, Kf.data() + n * d, d, dQ2.data(), d, t > 0);
-          gemm<float>(d, n, R1, QTf.data(), R1, p1, ldE, dkT1 + t0, Lk, true);
-          gemm<float>(d, n, R2, QTf.data() + d * R1, R2, p2, ldE, dkT2 + t0, Lk, true);
+          gemm<float>(d, n, R1, QTf.data(), R1, p1, ldE, dkT1 + t0, ldk, true);
+          gemm<float>(d, n, R2, QTf.data() + d * R1, R2, p2, ldE, dkT2 + t0, ldk, true);
           continue;
         }
         const T* ds1;
@@ -955,8 +972,8 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
         }
         gemm<T>(R1, d, n, ds1, ld, k1 + t0 * d, d, dQ1.data(), d, t > 0);
         gemm<T>(R2, d, n, ds2, ld, k2 + t0 * d, d, dQ2.data(), d, t > 0);
-        gemm<T>(d, n, R1, QT1.data(), R1, ds1, ld, dkT1 + t0, Lk, true);
-        gemm<T>(d, n, R2, QT2.data(), R2, ds2, ld, dkT2 + t0, Lk, true);
+        gemm<T>(d, n, R1, QT1.data(), R1, ds1, ld, dkT1 + t0, ldk, true);
+        gemm<T>(d, n, R2, QT2.data(), R2, ds2, ld, dkT2 + t0, ldk, true);
       }
       for (int64_t r = 0; r < R1; r++) {
         from_float<T>(dQ1.data() + r * d, dq1p + q1row(r), d);
@@ -969,17 +986,21 @@ void backward_kernel(const at::Tensor& dout, const T* q1p, const T* q2p, const a
 
 // Per-thread float32 dK^T / dV^T buffers, reduced and transposed once at the end.
 struct GradBuffers {
-  int64_t T;
-  at::Tensor dkT, dvT, dlam;
+  int64_t T, Lk;
+  at::Tensor dkT, dvT, dlam;  // (T, B, heads, width, ldk): rows of Lk keys, ldk apart
   GradBuffers(const Geometry& G, const at::Tensor& like) {
     T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), G.B * G.Hkv * G.nblocks));
     auto f32 = like.options().dtype(at::kFloat);
-    dkT = at::zeros({T, G.B, G.nkh, G.d, G.Lk}, f32);
-    dvT = at::zeros({T, G.B, G.Hkv, G.dv, G.Lk}, f32);
+    dkT = at::zeros({T, G.B, G.nkh, G.d, G.ldk}, f32);
+    dvT = at::zeros({T, G.B, G.Hkv, G.dv, G.ldk}, f32);
+    Lk = G.Lk;
     dlam = at::zeros({T, G.nlam}, like.options().dtype(at::kDouble));
   }
-  at::Tensor dk(at::ScalarType t) const { return (T == 1 ? dkT[0] : dkT.sum(0)).transpose(-1, -2).to(t).contiguous(); }
-  at::Tensor dv(at::ScalarType t) const { return (T == 1 ? dvT[0] : dvT.sum(0)).transpose(-1, -2).to(t).contiguous(); }
+  static at::Tensor keys_major(const at::Tensor& acc, int64_t T, int64_t Lk, at::ScalarType t) {
+    return (T == 1 ? acc[0] : acc.sum(0)).narrow(-1, 0, Lk).transpose(-1, -2).to(t).contiguous();
+  }
+  at::Tensor dk(at::ScalarType t) const { return keys_major(dkT, T, Lk, t); }
+  at::Tensor dv(at::ScalarType t) const { return keys_major(dvT, T, Lk, t); }
   at::Tensor dl() const { return dlam.sum(0).to(at::kFloat); }
 };
 
