@@ -56,6 +56,36 @@ def test_odd_sizes_and_several_key_tiles(shape):
     _check_against_oracle(q, k, v, lam, pad, causal, {"bool_mask": pad})
 
 
+@pytest.mark.parametrize("keys", [130, 200])
+def test_long_key_ranges_take_tall_forward_blocks(keys, monkeypatch):
+    """From LONG_KEYS keys on the forward stacks FWD_BLOCK_ROWS_LONG rows per block; the threshold is
+    lowered here so that a small call crosses it, with a block height that is no multiple of the
+    GQA group and blocks that end inside a key tile."""
+    monkeypatch.setattr(cpu_fused, "LONG_KEYS", 150)
+    monkeypatch.setattr(cpu_fused, "FWD_BLOCK_ROWS", 8)
+    monkeypatch.setattr(cpu_fused, "FWD_BLOCK_ROWS_LONG", 21)
+    monkeypatch.setattr(cpu_fused, "KEY_TILE", 32)
+    assert cpu_fused.forward_block_rows(keys) == (21 if keys >= 150 else 8)
+    g = torch.Generator().manual_seed(keys)
+    h, hkv, d = 4, 2, 16
+    q = torch.randn(1, 2 * h, keys, d, generator=g).requires_grad_()
+    k = torch.randn(1, 2 * hkv, keys, d, generator=g).requires_grad_()
+    v = torch.randn(1, hkv, keys, 2 * d, generator=g).requires_grad_()
+    lam = torch.rand(h, generator=g).requires_grad_()
+    pad = torch.ones(1, 1, 1, keys, dtype=torch.bool)
+    pad[..., :7] = False
+    _check_against_oracle(q, k, v, lam, pad, True, {"bool_mask": pad})
+
+
+def test_tall_blocks_keep_the_exp_buffer_bounded():
+    rows = cpu_fused.forward_block_rows
+    assert rows(cpu_fused.LONG_KEYS - 1) == cpu_fused.FWD_BLOCK_ROWS
+    assert rows(16384) == cpu_fused.FWD_BLOCK_ROWS_LONG
+    for keys in (16384, 20000, 32768, 65536, 1 << 20):
+        assert rows(keys) * keys * 8 <= cpu_fused.LONG_EXP_BYTES or rows(keys) == cpu_fused.FWD_BLOCK_ROWS
+    assert rows(32768) == 64 and rows(1 << 20) == cpu_fused.FWD_BLOCK_ROWS
+
+
 @pytest.mark.parametrize("case", WINDOW_CASES, ids=wid)
 def test_float32_windows(case):
     """Sliding windows are per-row key intervals (AttentionMask.row_bounds), as causal is."""

@@ -13,7 +13,7 @@ maps read one kv head, values of width d, λ per token) and grouped differential
 (``sdpadiff::cpu_fused_gda_*``: one noise map per ``r`` signal maps).
 
 What it computes: see the C++ file's header. In short, per (batch, kv group, block of up to
-``FWD_BLOCK_ROWS`` stacked query rows; ``BWD_BLOCK_ROWS`` in the backward) and key tiles of ``KEY_TILE`` keys: both maps' scores by GEMM,
+``forward_block_rows(Lk)`` stacked query rows; ``BWD_BLOCK_ROWS`` in the backward) and key tiles of ``KEY_TILE`` keys: both maps' scores by GEMM,
 softmax statistics in float32, ``A1 − λ·A2`` formed per tile before one product with v; the
 backward recomputes from the saved row max and sum of each map. float32, bfloat16 and float16 (GEMMs
 accumulate in float32); float64 stays on ``chunked``.
@@ -39,13 +39,30 @@ _log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "diff_attention_cpu.cpp"
 DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 #: Stacked query rows per task (all heads of a GQA group share a block) and keys per tile. A
-#: forward block keeps both maps' exps over its whole key range (rows x Lk x 8 bytes); 32 rows keep
-#: that within the L3 cache up to Lk = 16384 and measured fastest at every N from 512 to 16384 (2
-#: threads, E = 768, 12 heads). The backward keeps three such buffers but its GEMMs gain more from
-#: taller blocks; 64 rows measured best there. The saved statistics are per row, so the two may differ.
+#: forward block keeps both maps' exps over its whole key range (rows x Lk x 8 bytes) and streams
+#: its group's k and v once. Short key ranges favour short blocks (less work wasted on the causal
+#: diagonal, more tasks); from ``LONG_KEYS`` keys on, reading k and v once per block costs more
+#: than the larger exp buffer of a tall block, where the L3 cache cannot hold a group's k and v.
+#: Measured (2 threads, E = 768, 12 heads, an 8 MiB L3): 32 rows fastest up to N = 2048; 128 rows
+#: 4 % faster at 4096, 8 % at 8192 and 18 % at 16384. Tall blocks stop where their exp buffer would
+#: pass ``LONG_EXP_BYTES`` per thread (N = 16384 at 128 rows), so scratch memory stays bounded at
+#: long context. The backward keeps three such buffers; 64 rows measured best there. The saved
+#: statistics are per row, so the forward and backward blocks may differ.
 FWD_BLOCK_ROWS = 32
+FWD_BLOCK_ROWS_LONG = 128
+LONG_KEYS = 4096
+LONG_EXP_BYTES = 16 << 20
 BWD_BLOCK_ROWS = 64
 KEY_TILE = 512
+
+
+def forward_block_rows(keys: int) -> int:
+    """Stacked query rows per forward block for a call over ``keys`` keys: ``FWD_BLOCK_ROWS`` below
+    ``LONG_KEYS``, else up to ``FWD_BLOCK_ROWS_LONG`` while both maps' exps (rows × keys × 8 bytes)
+    fit in ``LONG_EXP_BYTES``, and never fewer than ``FWD_BLOCK_ROWS``."""
+    if keys < LONG_KEYS:
+        return FWD_BLOCK_ROWS
+    return max(FWD_BLOCK_ROWS, min(FWD_BLOCK_ROWS_LONG, LONG_EXP_BYTES // (8 * keys)))
 
 _lock = threading.Lock()
 _module = None
@@ -315,7 +332,7 @@ def _run(kernel: str, queries: tuple[torch.Tensor, ...], k, v, lam, mask: Attent
     lo, hi = row_intervals(mask, queries[0].device)
     lam = lam.to(torch.float32).contiguous()
     args = (*(q.contiguous() for q in queries), _rows_dense(k), _rows_dense(v), lam, lo, hi, _kernel_mask(mask),
-            float(scale), FWD_BLOCK_ROWS, KEY_TILE)
+            float(scale), forward_block_rows(k.shape[-2]), KEY_TILE)
     if _direct((*queries, k, v, lam)):
         return getattr(_load(), kernel)(*args)[0]
     return getattr(torch.ops.sdpadiff, f"cpu_fused_{kernel}")(*args)[0]
