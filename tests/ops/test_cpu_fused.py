@@ -43,6 +43,7 @@ def test_float32_outputs_and_gradients(case):
     (1, 1, 1, 1025, 1025, 24, True),  # three key tiles, the last one ragged
     (2, 2, 2, 300, 1025, 40, True),  # Lq < Lk across tiles (chunked prefill)
     (1, 3, 1, 1, 1025, 40, True),  # decode step: the dot-product path, GQA 3:1
+    (1, 2, 2, 3, 203, 20, True),  # decode path with d and Lk not multiples of the vector or key blocks
 ], ids=lambda s: "B{}-H{}-Hkv{}-Lq{}-Lk{}-d{}".format(*s[:6]))
 def test_odd_sizes_and_several_key_tiles(shape):
     b, h, hkv, lq, lk, d, causal = shape

@@ -278,8 +278,11 @@ def row_intervals(mask: AttentionMask, device: torch.device) -> tuple[torch.Tens
     ``lo == hi``. The kernel still applies the dense mask inside the interval.
     """
     lq, lk = mask.lq, mask.lk
+    m = mask.tensor
     if mask.is_packed or mask.has_window:
         lo, hi = (t.to(torch.int32).unsqueeze(0) for t in mask.row_bounds(device))  # (1, Lq)
+    elif m is None and not torch.compiler.is_compiling():
+        return tuple(_load().intervals(lq, lk, mask.causal))  # one call: a decode step pays for every op
     else:
         # The common case in three small ops (a decode step pays for every op here): lo = 0 and,
         # under the bottom-right causal mask, hi = j + Lk - Lq + 1 clamped to [0, Lk].
@@ -288,7 +291,6 @@ def row_intervals(mask: AttentionMask, device: torch.device) -> tuple[torch.Tens
             hi = torch.arange(lk - lq + 1, lk + 1, dtype=torch.int32, device=device).clamp_(min=0).unsqueeze(0)
         else:
             hi = torch.full((1, lq), lk, dtype=torch.int32, device=device)
-    m = mask.tensor
     if m is not None:
         rows_shared = m.stride(2) == 0 and lq > 1  # a key-padding mask expanded over the queries
         mm = m[:, :, :1] if rows_shared else m
@@ -330,7 +332,8 @@ def _run(kernel: str, queries: tuple[torch.Tensor, ...], k, v, lam, mask: Attent
     """The forward of one layout: the kernel's ``kernel`` entry (``fwd``, ``v2_fwd`` or ``gda_fwd``)
     called directly when nothing needs a gradient, else the op ``sdpadiff::cpu_fused_{kernel}``."""
     lo, hi = row_intervals(mask, queries[0].device)
-    lam = lam.to(torch.float32).contiguous()
+    if lam.dtype != torch.float32 or not lam.is_contiguous():
+        lam = lam.to(torch.float32).contiguous()
     args = (*(q.contiguous() for q in queries), _rows_dense(k), _rows_dense(v), lam, lo, hi, _kernel_mask(mask),
             float(scale), forward_block_rows(k.shape[-2]), KEY_TILE)
     if _direct((*queries, k, v, lam)):

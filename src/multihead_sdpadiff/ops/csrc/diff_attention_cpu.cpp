@@ -87,25 +87,59 @@ inline void from_float<float>(const float* src, float* dst, int64_t n) {
 // Below this many stacked rows (decode steps) scores are dot products over k read in place.
 constexpr int64_t SMALL_ROWS = 8;
 
-// S (R x n, ld ldc) = Qf (R x d, float) * K[0, n)^T, K rows of width d read in place.
+// Decode steps work on KEYS_AT_ONCE keys at a time: a dot product of width d is a chain of
+// dependent FMAs, and four independent chains (and one load of each q or O vector for four keys)
+// keep the FMA units busy. The per-key order of the sums is that of one key at a time.
+constexpr int64_t KEYS_AT_ONCE = 4;
+
+// The rows [j, j + m) of K (width d) in float32: in place for float, else converted into buf.
+template <typename T>
+inline const float* key_rows(const T* K, int64_t j, int64_t m, int64_t d, float* buf) {
+  if constexpr (std::is_same<T, float>::value) {
+    return K + j * d;
+  } else {
+    to_float<T>(K + j * d, buf, m * d);
+    return buf;
+  }
+}
+
+// S (R x n, ld ldc) = Qf (R x d, float) * K[0, n)^T, K rows of width d read in place. krow holds
+// KEYS_AT_ONCE converted rows (KEYS_AT_ONCE * d floats).
 template <typename T>
 inline void scores_small(int64_t R, int64_t n, int64_t d, const float* Qf, const T* K, float* S, int64_t ldc,
                          float* krow) {
   const int64_t W = fVec::size();
-  for (int64_t j = 0; j < n; j++) {
-    const float* kr;
-    if constexpr (std::is_same<T, float>::value) {
-      kr = K + j * d;
-    } else {
-      to_float<T>(K + j * d, krow, d);
-      kr = krow;
+  constexpr int64_t U = KEYS_AT_ONCE;
+  auto reduce = [](fVec& a) { return at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, a); };
+  int64_t j = 0;
+  for (; j + U <= n; j += U) {
+    const float* kr = key_rows<T>(K, j, U, d, krow);
+    for (int64_t r = 0; r < R; r++) {
+      const float* qr = Qf + r * d;
+      fVec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+      int64_t c = 0;
+      for (; c + W <= d; c += W) {
+        const fVec qv = fVec::loadu(qr + c);
+        a0 = at::vec::fmadd(qv, fVec::loadu(kr + c), a0);
+        a1 = at::vec::fmadd(qv, fVec::loadu(kr + d + c), a1);
+        a2 = at::vec::fmadd(qv, fVec::loadu(kr + 2 * d + c), a2);
+        a3 = at::vec::fmadd(qv, fVec::loadu(kr + 3 * d + c), a3);
+      }
+      float s4[U] = {reduce(a0), reduce(a1), reduce(a2), reduce(a3)};
+      for (int64_t u = 0; u < U; u++) {
+        for (int64_t cc = c; cc < d; cc++) s4[u] += qr[cc] * kr[u * d + cc];
+        S[r * ldc + j + u] = s4[u];
+      }
     }
+  }
+  for (; j < n; j++) {
+    const float* kr = key_rows<T>(K, j, 1, d, krow);
     for (int64_t r = 0; r < R; r++) {
       const float* qr = Qf + r * d;
       fVec acc(0.f);
       int64_t c = 0;
       for (; c + W <= d; c += W) acc = at::vec::fmadd(fVec::loadu(qr + c), fVec::loadu(kr + c), acc);
-      float sum = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc);
+      float sum = reduce(acc);
       for (; c < d; c++) sum += qr[c] * kr[c];
       S[r * ldc + j] = sum;
     }
@@ -113,19 +147,34 @@ inline void scores_small(int64_t R, int64_t n, int64_t d, const float* Qf, const
 }
 
 // O (R x d2) (+)= A (R x n, float, ld lda) * V[0, n) (rows of width d2 read in place): small R.
+// vrow holds KEYS_AT_ONCE converted rows. Each O entry adds the keys' terms in key order.
 template <typename T>
 inline void av_small(int64_t R, int64_t n, int64_t d2, const float* A, int64_t lda, const T* V, float* O,
                      bool add, float* vrow) {
   const int64_t W = fVec::size();
+  constexpr int64_t U = KEYS_AT_ONCE;
   if (!add) std::fill_n(O, R * d2, 0.f);
-  for (int64_t j = 0; j < n; j++) {
-    const float* vr;
-    if constexpr (std::is_same<T, float>::value) {
-      vr = V + j * d2;
-    } else {
-      to_float<T>(V + j * d2, vrow, d2);
-      vr = vrow;
+  int64_t j = 0;
+  for (; j + U <= n; j += U) {
+    const float* vr = key_rows<T>(V, j, U, d2, vrow);
+    for (int64_t r = 0; r < R; r++) {
+      const float* a = A + r * lda + j;
+      if (a[0] == 0.f && a[1] == 0.f && a[2] == 0.f && a[3] == 0.f) continue;
+      float* o = O + r * d2;
+      const fVec v0(a[0]), v1(a[1]), v2(a[2]), v3(a[3]);
+      int64_t c = 0;
+      for (; c + W <= d2; c += W) {
+        fVec x = at::vec::fmadd(v0, fVec::loadu(vr + c), fVec::loadu(o + c));
+        x = at::vec::fmadd(v1, fVec::loadu(vr + d2 + c), x);
+        x = at::vec::fmadd(v2, fVec::loadu(vr + 2 * d2 + c), x);
+        at::vec::fmadd(v3, fVec::loadu(vr + 3 * d2 + c), x).store(o + c);
+      }
+      for (; c < d2; c++)
+        for (int64_t u = 0; u < U; u++) o[c] += a[u] * vr[u * d2 + c];
     }
+  }
+  for (; j < n; j++) {
+    const float* vr = key_rows<T>(V, j, 1, d2, vrow);
     for (int64_t r = 0; r < R; r++) {
       const float a = A[r * lda + j];
       if (a == 0.f) continue;
@@ -438,7 +487,8 @@ void forward_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::T
     // the low-precision GEMM here and keeps A1 - lam A2 in float32 for the product with v.
     constexpr bool is_f32 = std::is_same<T, float>::value;
     std::vector<float> Vf(is_f32 ? 0 : KT * d2);
-    std::vector<float> Qf((R1max + R2max) * d), row(d2);  // q rows in float; one converted k/v row
+    // q rows in float; KEYS_AT_ONCE converted k or v rows (decode steps)
+    std::vector<float> Qf((R1max + R2max) * d), row(KEYS_AT_ONCE * std::max(d, d2));
     // One tile of scores (or of A1 - lam A2), reused tile after tile so that it stays in cache: the
     // GEMMs and the exp pass work there, and only the exps go out to the (long) E buffers.
     std::vector<float> S(std::max(R1max, R2max) * KT);
@@ -593,7 +643,7 @@ void decode_split_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const 
   std::vector<float> pm(ntasks * S * Rt), pl(ntasks * S * Rt), pO(ntasks * S * Rt * d2);
 
   at::parallel_for(0, ntasks * S, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> E(Rt * CL), Qf(Rt * d), row(d2);
+    std::vector<float> E(Rt * CL), Qf(Rt * d), row(KEYS_AT_ONCE * std::max(d, d2));
     for (int64_t item = begin; item < end; item++) {
       const int64_t task = item / S, c = item % S;
       const Task tk = task_at(G, task);
@@ -1064,6 +1114,17 @@ std::vector<at::Tensor> gda_bwd(const at::Tensor& dout, const at::Tensor& qs, co
   return {dqs, dqn, buf.dk(qs.scalar_type()), buf.dv(qs.scalar_type()), buf.dl()};
 }
 
+// The key intervals of the common case (no window, no packing, no dense mask) in one call: a decode
+// step would otherwise pay for four small torch ops. Row j sees [0, Lk) or, under the bottom-right
+// causal mask, [0, clamp(j + Lk - Lq + 1, 0, Lk)).
+std::vector<at::Tensor> intervals(int64_t lq, int64_t lk, bool causal) {
+  TORCH_CHECK(lq >= 0 && lk >= 0, "cpu_fused: lq and lk must be non-negative");
+  at::Tensor lo = at::zeros({1, lq}, at::kInt), hi = at::empty({1, lq}, at::kInt);
+  int32_t* h = hi.data_ptr<int32_t>();
+  for (int64_t j = 0; j < lq; j++) h[j] = static_cast<int32_t>(causal ? std::clamp<int64_t>(j + lk - lq + 1, 0, lk) : lk);
+  return {lo, hi};
+}
+
 bool vec_is_native() {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_SVE)
   return true;
@@ -1085,6 +1146,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                             int64_t block_rows, int64_t key_tile) {
     return decode_chunks(geometry_v1(q, k, v, lo, block_rows, key_tile));
   }, "key chunks a V1 forward of these shapes splits the cache into (1: no split)");
+  m.def("intervals", &intervals, "(lo, hi) int32 (1, Lq): every key, or the bottom-right causal range");
   m.def("vec_size", [] { return (int64_t)fVec::size(); }, "float lanes of at::vec in this build");
   m.def("vec_is_native", &vec_is_native, "whether at::vec was compiled for a vector ISA");
 }
