@@ -146,7 +146,7 @@ def _prepare(q, k, v, lambda_full, attn_mask, is_causal, scale, window=None, cu=
         if lambda_full.dim() == 0:
             lam = lambda_full.to(device=q.device, dtype=work).expand(h)
         elif tuple(lambda_full.shape) == (h,):
-            lam = lambda_full.to(device=q.device, dtype=work)
+            lam = lambda_full if lambda_full.dtype == work else lambda_full.to(dtype=work)  # on q's device (checked)
         else:
             raise ValueError(f"lambda_full must be 0-dim or (H,)=({h},), got shape {tuple(lambda_full.shape)}")
     else:

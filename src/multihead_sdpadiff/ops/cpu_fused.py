@@ -309,7 +309,8 @@ def row_intervals(mask: AttentionMask, device: torch.device) -> tuple[torch.Tens
 def _rows_dense(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when each head's rows are dense (what the kernel reads in place: a preallocated
     KV cache's slice of its buffer is), else a contiguous copy."""
-    if (t.shape[-1] <= 1 or t.stride(-1) == 1) and (t.shape[-2] <= 1 or t.stride(-2) == t.shape[-1]):
+    if t.is_contiguous() or ((t.shape[-1] <= 1 or t.stride(-1) == 1)
+                             and (t.shape[-2] <= 1 or t.stride(-2) == t.shape[-1])):
         return t
     return t.contiguous()
 
@@ -324,8 +325,7 @@ def _kernel_mask(mask: AttentionMask) -> torch.Tensor | None:
 def _direct(tensors) -> bool:
     """Eager with nothing to differentiate (inference, decoding): call the kernel itself. The op's
     dispatcher and autograd wrapper cost tens of microseconds, much of a decode step."""
-    return not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) and not torch.compiler.is_compiling()
 
 
 def _run(kernel: str, queries: tuple[torch.Tensor, ...], k, v, lam, mask: AttentionMask, scale: float):
@@ -334,7 +334,7 @@ def _run(kernel: str, queries: tuple[torch.Tensor, ...], k, v, lam, mask: Attent
     lo, hi = row_intervals(mask, queries[0].device)
     if lam.dtype != torch.float32 or not lam.is_contiguous():
         lam = lam.to(torch.float32).contiguous()
-    args = (*(q.contiguous() for q in queries), _rows_dense(k), _rows_dense(v), lam, lo, hi, _kernel_mask(mask),
+    args = (*(q if q.is_contiguous() else q.contiguous() for q in queries), _rows_dense(k), _rows_dense(v), lam, lo, hi, _kernel_mask(mask),
             float(scale), forward_block_rows(k.shape[-2]), KEY_TILE)
     if _direct((*queries, k, v, lam)):
         return getattr(_load(), kernel)(*args)[0]
