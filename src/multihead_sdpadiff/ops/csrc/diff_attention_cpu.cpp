@@ -18,6 +18,12 @@
 // (query, key) pair this is 4d (two QK^T of width d) + 4d (A V of width 2d) FLOPs: standard
 // attention's 8d. Each map's row max and sum are returned for the backward (kept apart, not as
 // a logsumexp: at large scores max + log(sum) rounds away the digits near-one-hot rows need).
+// Scores and A1 - lam A2 live in one R x KT tile that is reused tile after tile and so stays in
+// cache; only the exps go out to the row-long buffers. Decode blocks (fewer than SMALL_ROWS rows)
+// use dot products over k and v read in place instead of GEMMs.
+//
+// Key-minor buffers (k transposed, dK^T, dV^T) have a row stride of key_ld(Lk), not Lk: a power-
+// of-two stride maps the d rows of a tile onto the same cache sets.
 //
 // Backward, per block: pass 1 recomputes P1, P2 from the saved row max and sum, dA = dO V^T, dV +=
 // A^T dO, and the row sums r_m = sum_j dA_j P_m,j; pass 2 forms dS1 = P1 (dA - r1) s and
