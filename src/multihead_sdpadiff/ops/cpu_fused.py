@@ -281,11 +281,11 @@ def row_intervals(mask: AttentionMask, device: torch.device) -> tuple[torch.Tens
     m = mask.tensor
     if mask.is_packed or mask.has_window:
         lo, hi = (t.to(torch.int32).unsqueeze(0) for t in mask.row_bounds(device))  # (1, Lq)
-    elif m is None and not torch.compiler.is_compiling():
-        return tuple(_load().intervals(lq, lk, mask.causal))  # one call: a decode step pays for every op
+    elif not torch.compiler.is_compiling():
+        lo, hi = _load().intervals(lq, lk, mask.causal)  # one call: a decode step pays for every op
     else:
-        # The common case in three small ops (a decode step pays for every op here): lo = 0 and,
-        # under the bottom-right causal mask, hi = j + Lk - Lq + 1 clamped to [0, Lk].
+        # The same in torch ops, for a compiled graph: lo = 0 and, under the bottom-right causal
+        # mask, hi = j + Lk - Lq + 1 clamped to [0, Lk].
         lo = torch.zeros(1, lq, dtype=torch.int32, device=device)
         if mask.causal:
             hi = torch.arange(lk - lq + 1, lk + 1, dtype=torch.int32, device=device).clamp_(min=0).unsqueeze(0)

@@ -315,6 +315,9 @@ inline Task task_at(const Geometry& G, int64_t task) {
 // tile mapped to one L2 set. One line more spreads them over consecutive sets.
 inline int64_t key_ld(int64_t Lk) { return (Lk + 15) / 16 * 16 + 16; }
 
+// Floats of the buffer where decode steps convert KEYS_AT_ONCE k or v rows (scores_small, av_small).
+inline int64_t decode_rows_floats(const Geometry& G) { return KEYS_AT_ONCE * std::max(G.d, G.dv); }
+
 // Sizes shared by the layouts: signal heads H, noise heads Nn, kv groups Hkv.
 Geometry geometry(int64_t H, int64_t Nn, int64_t Hkv, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lo,
                   int64_t Lq, int64_t d, int64_t block_rows, int64_t key_tile) {
@@ -493,8 +496,7 @@ void forward_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const at::T
     // the low-precision GEMM here and keeps A1 - lam A2 in float32 for the product with v.
     constexpr bool is_f32 = std::is_same<T, float>::value;
     std::vector<float> Vf(is_f32 ? 0 : KT * d2);
-    // q rows in float; KEYS_AT_ONCE converted k or v rows (decode steps)
-    std::vector<float> Qf((R1max + R2max) * d), row(KEYS_AT_ONCE * std::max(d, d2));
+    std::vector<float> Qf((R1max + R2max) * d), row(decode_rows_floats(G));  // q rows in float; decode's k/v rows
     // One tile of scores (or of A1 - lam A2), reused tile after tile so that it stays in cache: the
     // GEMMs and the exp pass work there, and only the exps go out to the (long) E buffers.
     std::vector<float> S(std::max(R1max, R2max) * KT);
@@ -649,7 +651,7 @@ void decode_split_kernel(const T* q1p, const T* q2p, const at::Tensor& k, const 
   std::vector<float> pm(ntasks * S * Rt), pl(ntasks * S * Rt), pO(ntasks * S * Rt * d2);
 
   at::parallel_for(0, ntasks * S, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> E(Rt * CL), Qf(Rt * d), row(KEYS_AT_ONCE * std::max(d, d2));
+    std::vector<float> E(Rt * CL), Qf(Rt * d), row(decode_rows_floats(G));
     for (int64_t item = begin; item < end; item++) {
       const int64_t task = item / S, c = item % S;
       const Task tk = task_at(G, task);
@@ -1052,11 +1054,12 @@ struct GradBuffers {
     Lk = G.Lk;
     dlam = at::zeros({T, G.nlam}, like.options().dtype(at::kDouble));
   }
-  static at::Tensor keys_major(const at::Tensor& acc, int64_t T, int64_t Lk, at::ScalarType t) {
+  // One thread's buffer, or their sum, without the padding, as (B, heads, Lk, width) in dtype t.
+  at::Tensor keys_major(const at::Tensor& acc, at::ScalarType t) const {
     return (T == 1 ? acc[0] : acc.sum(0)).narrow(-1, 0, Lk).transpose(-1, -2).to(t).contiguous();
   }
-  at::Tensor dk(at::ScalarType t) const { return keys_major(dkT, T, Lk, t); }
-  at::Tensor dv(at::ScalarType t) const { return keys_major(dvT, T, Lk, t); }
+  at::Tensor dk(at::ScalarType t) const { return keys_major(dkT, t); }
+  at::Tensor dv(at::ScalarType t) const { return keys_major(dvT, t); }
   at::Tensor dl() const { return dlam.sum(0).to(at::kFloat); }
 };
 
@@ -1120,9 +1123,9 @@ std::vector<at::Tensor> gda_bwd(const at::Tensor& dout, const at::Tensor& qs, co
   return {dqs, dqn, buf.dk(qs.scalar_type()), buf.dv(qs.scalar_type()), buf.dl()};
 }
 
-// The key intervals of the common case (no window, no packing, no dense mask) in one call: a decode
-// step would otherwise pay for four small torch ops. Row j sees [0, Lk) or, under the bottom-right
-// causal mask, [0, clamp(j + Lk - Lq + 1, 0, Lk)).
+// The key intervals without a window or packing, in one call (a decode step would otherwise pay for
+// four small torch ops; row_intervals narrows them by a dense mask). Row j sees [0, Lk) or, under
+// the bottom-right causal mask, [0, clamp(j + Lk - Lq + 1, 0, Lk)).
 std::vector<at::Tensor> intervals(int64_t lq, int64_t lk, bool causal) {
   TORCH_CHECK(lq >= 0 && lk >= 0, "cpu_fused: lq and lk must be non-negative");
   at::Tensor lo = at::zeros({1, lq}, at::kInt), hi = at::empty({1, lq}, at::kInt);
